@@ -1,0 +1,135 @@
+"""Typed LoopLM configuration: the YAML schema and its megatron-core TransformerConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+LAYER_SPECS = ("sandwich", "prenorm")
+
+
+@dataclass
+class LoopTransformerConfig(TransformerConfig):
+    """megatron-core's TransformerConfig plus the loop dimension.
+
+    ``num_layers`` counts the *shared* layers L; the model applies them ``num_loops`` (R) times.
+    """
+
+    num_loops: int = 4
+    layer_spec: str = "sandwich"
+    vocab_size: int = 0
+    max_sequence_length: int = 4096
+    rotary_base: float = 10000.0
+    share_embeddings_and_output_weights: bool = False
+
+
+@dataclass
+class LoopModelConfig:
+    """What a user writes in ``conf/model/*.yaml``."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    vocab_size: int = 256
+    max_sequence_length: int = 512
+    num_loops: int = 4
+    rope_theta: float = 10000.0
+    layer_spec: str = "sandwich"
+    norm_epsilon: float = 1e-6
+    init_std: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    params_dtype: str = "float32"
+    name: str = "looplm"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+        problems = []
+        if self.layer_spec not in LAYER_SPECS:
+            problems.append(f"unknown layer_spec {self.layer_spec!r}; choose one of {LAYER_SPECS}")
+        if self.num_loops < 1:
+            problems.append(f"num_loops must be >= 1, got {self.num_loops}")
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by "
+                            f"num_attention_heads {self.num_attention_heads}")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            problems.append(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                            f"num_query_groups {groups}")
+        if self.num_attention_heads % tensor_parallel:
+            problems.append(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                            f"tensor_parallel {tensor_parallel}")
+        if groups % tensor_parallel:
+            problems.append(f"num_query_groups {groups} is not divisible by "
+                            f"tensor_parallel {tensor_parallel}")
+        if self.ffn_hidden_size % tensor_parallel:
+            problems.append(f"ffn_hidden_size {self.ffn_hidden_size} is not divisible by "
+                            f"tensor_parallel {tensor_parallel}")
+        if self.vocab_size % tensor_parallel:
+            problems.append(f"vocab_size {self.vocab_size} is not divisible by "
+                            f"tensor_parallel {tensor_parallel}")
+        if self.num_layers % pipeline_parallel:
+            problems.append(f"num_layers {self.num_layers} is not divisible by "
+                            f"pipeline_parallel {pipeline_parallel}")
+        if self.tie_word_embeddings and pipeline_parallel > 1:
+            problems.append("tie_word_embeddings is only supported with pipeline_parallel=1")
+        if self.params_dtype not in _DTYPES:
+            problems.append(f"unknown params_dtype {self.params_dtype!r}; choose one of "
+                            f"{tuple(_DTYPES)}")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    def transformer_config(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                           sequence_parallel: bool = False,
+                           use_cpu_initialization: bool | None = None) -> LoopTransformerConfig:
+        self.validate(tensor_parallel, pipeline_parallel)
+        dtype = _DTYPES[self.params_dtype]
+        if use_cpu_initialization is None:
+            use_cpu_initialization = not torch.cuda.is_available()
+        return LoopTransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups or self.num_attention_heads,
+            kv_channels=self.hidden_size // self.num_attention_heads,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_epsilon,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            attention_dropout=self.attention_dropout,
+            hidden_dropout=self.hidden_dropout,
+            init_method_std=self.init_std,
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            sequence_parallel=sequence_parallel and tensor_parallel > 1,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu_initialization=use_cpu_initialization,
+            num_loops=self.num_loops,
+            layer_spec=self.layer_spec,
+            vocab_size=self.vocab_size,
+            max_sequence_length=self.max_sequence_length,
+            rotary_base=self.rope_theta,
+            share_embeddings_and_output_weights=self.tie_word_embeddings,
+        )
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}

@@ -1,0 +1,199 @@
+"""LoopGPTModel: Ouro's looped transformer built from megatron-core parts.
+
+A vocab-parallel embedding feeds a block of L shared layers that runs R times. After every
+loop the final RMSNorm is applied; its output is both the next loop's input and that loop's
+*readout*. One vocab-parallel output layer, shared by all loops (the loop-dimension head), maps
+the readouts a caller asks for to logits ``[n_loops, seq, batch, vocab/TP]``; loops nobody asked
+for never reach the head. An early-exit gate ``Linear(hidden, 1)`` on every readout gives the
+per-loop exit distribution.
+
+Under pipeline parallelism each stage holds a contiguous slice of the shared layers (the first
+stage also the embedding, the last stage also the final norm, head and gate); a loop is one trip
+through all stages, and ``nemo_loop.models.looplm.pipeline`` sends the hidden state from the
+last stage back to the first for the next loop. ``forward`` is the single-stage path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from nemo_loop.models.looplm.config import LoopTransformerConfig
+from nemo_loop.models.looplm.layer_specs import loop_layer_spec
+
+
+@dataclass
+class LoopOutput:
+    """What the last pipeline stage produces for one micro-batch.
+
+    ``loops`` are 1-based loop ids of ``readouts``/``logits`` (the loops asked for);
+    ``exit_logits`` covers every loop that ran.
+    """
+
+    loops: list[int]
+    readouts: torch.Tensor  # [n, s(/TP with SP), b, h]
+    logits: torch.Tensor | None  # [n, s, b, vocab/TP]
+    exit_logits: torch.Tensor  # [num_loops, s, b]
+
+    @property
+    def exit_probs(self) -> torch.Tensor:
+        return exit_distribution(self.exit_logits)
+
+
+def exit_distribution(exit_logits: torch.Tensor) -> torch.Tensor:
+    """p_r = σ(g_r)·∏_{j<r}(1−σ(g_j)) for r < n; the last loop takes the remaining mass.
+
+    Computed in log space so that long runs of confident "continue" gates stay exact.
+    """
+    num_loops = exit_logits.shape[0]
+    log_exit = torch.nn.functional.logsigmoid(exit_logits.float())
+    log_continue = torch.nn.functional.logsigmoid(-exit_logits.float())
+    log_survive = torch.cumsum(log_continue, dim=0) - log_continue  # ∏_{j<r}
+    log_p = log_exit + log_survive
+    log_p[num_loops - 1] = log_survive[num_loops - 1]
+    return log_p.exp()
+
+
+def check_num_loops(num_loops: int, max_loops: int) -> int:
+    if not isinstance(num_loops, int) or not 1 <= num_loops <= max_loops:
+        raise ValueError(f"num_loops must be an integer in [1, {max_loops}] (the model's R), "
+                         f"got {num_loops!r}")
+    return num_loops
+
+
+def check_logit_loops(logit_loops, num_loops: int) -> list[int]:
+    loops = list(range(1, num_loops + 1)) if logit_loops is None else list(logit_loops)
+    if any(not 1 <= r <= num_loops for r in loops) or loops != sorted(set(loops)):
+        raise ValueError(f"logit_loops must be increasing loop ids in [1, {num_loops}], "
+                         f"got {logit_loops!r}")
+    return loops
+
+
+class LoopGPTModel(LanguageModule):
+    """One pipeline stage of a looped GPT (the whole model when PP=1)."""
+
+    def __init__(self, config: LoopTransformerConfig, pre_process: bool = True,
+                 post_process: bool = True, backend: str = "auto"):
+        super().__init__(config=config)
+        self.config: LoopTransformerConfig = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+        self.vocab_size = config.vocab_size
+        self.max_sequence_length = config.max_sequence_length
+        self.position_embedding_type = "rope"
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=config.vocab_size,
+                max_sequence_length=config.max_sequence_length, position_embedding_type="rope")
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=config.rotary_base,
+            use_cpu_initialization=config.use_cpu_initialization)
+        # Every stage receives its input explicitly, so the block never reads set_input_tensor.
+        self.decoder = TransformerBlock(config=config,
+                                        spec=loop_layer_spec(config.layer_spec, backend),
+                                        pre_process=True, post_process=post_process)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, config=config,
+                init_method=config.init_method, bias=False, skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process
+                and self.share_embeddings_and_output_weights)
+            self.exit_gate = torch.nn.Linear(config.hidden_size, 1, dtype=config.params_dtype)
+            for param in self.exit_gate.parameters():
+                # Replicated across TP; with SP each rank sees a sequence shard, so its grads
+                # are summed over TP in finalize_model_grads like the layernorm weights.
+                setattr(param, "sequence_parallel", config.sequence_parallel)
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    @property
+    def num_loops(self) -> int:
+        return self.config.num_loops
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Unused: the loop pipeline passes every stage's input explicitly."""
+
+    # ----- stage pieces, shared by ``forward`` and the loop pipeline -----
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        return self.embedding(input_ids=input_ids, position_ids=position_ids)
+
+    def rotary_embedding(self, seq_len: int) -> torch.Tensor:
+        return self.rotary_pos_emb(seq_len)
+
+    def run_shared_layers(self, hidden: torch.Tensor, attention_mask=None, rotary_pos_emb=None,
+                          inference_context=None) -> torch.Tensor:
+        """One pass of this stage's slice of the shared layers (+ final norm on the last stage)."""
+        return self.decoder(hidden_states=hidden, attention_mask=attention_mask,
+                            rotary_pos_emb=rotary_pos_emb, inference_context=inference_context)
+
+    def readout(self, readouts: list[torch.Tensor], logit_loops: list[int],
+                compute_logits: bool = True) -> LoopOutput:
+        """Exit-gate logits for every loop, head logits only for ``logit_loops``."""
+        gate = torch.stack([self.exit_gate(h).squeeze(-1) for h in readouts])
+        if self.config.sequence_parallel:
+            gate = tensor_parallel.gather_from_sequence_parallel_region(
+                gate.transpose(0, 1)).transpose(0, 1)
+        chosen = torch.stack([readouts[r - 1] for r in logit_loops])
+        logits = None
+        if compute_logits:
+            n, s, b, h = chosen.shape
+            weight = self.shared_embedding_or_output_weight() \
+                if self.share_embeddings_and_output_weights else None
+            flat, _ = self.output_layer(chosen.reshape(n * s, b, h), weight=weight)
+            logits = flat.reshape(n, -1, b, flat.shape[-1])
+        return LoopOutput(loops=list(logit_loops), readouts=chosen, logits=logits,
+                          exit_logits=gate)
+
+    # ----- single-stage forward -----
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, num_loops: int | None = None,
+                logit_loops=None, compute_logits: bool = True,
+                inference_contexts=None) -> LoopOutput:
+        """Run ``num_loops`` (R̃ ≤ R) loops; ``inference_contexts`` holds one KV cache per loop."""
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("LoopGPTModel.forward runs a whole model; with pipeline "
+                               "parallelism use nemo_loop.models.looplm.pipeline")
+        num_loops = check_num_loops(self.num_loops if num_loops is None else num_loops,
+                                    self.num_loops)
+        logit_loops = check_logit_loops(logit_loops, num_loops)
+        hidden = self.embed(input_ids, position_ids)
+        rotary = self.rotary_embedding(_full_seq_len(hidden, self.config, inference_contexts))
+        readouts = []
+        for loop in range(num_loops):
+            context = inference_contexts[loop] if inference_contexts is not None else None
+            hidden = self.run_shared_layers(hidden, attention_mask, rotary, context)
+            readouts.append(hidden)
+        return self.readout(readouts, logit_loops, compute_logits)
+
+
+def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(
+        input_ids)
+
+
+def _full_seq_len(hidden, config, inference_contexts) -> int:
+    if inference_contexts is not None and inference_contexts[0] is not None:
+        return inference_contexts[0].max_sequence_length
+    seq = hidden.shape[0]
+    return seq * config.tensor_model_parallel_size if config.sequence_parallel else seq
+
+
+def build_loop_model(config: LoopTransformerConfig, backend: str = "auto") -> LoopGPTModel:
+    """The stage of the model this rank holds under the current parallel_state."""
+    from megatron.core import parallel_state
+
+    return LoopGPTModel(config, pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage(), backend=backend)
