@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import sys
 import tempfile
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from nemo_loop.utils.distributed import free_port
 
 
 def _worker(rank, world_size, port, check_names, module_name, out_dir, timeout_s):
@@ -34,18 +30,23 @@ def _worker(rank, world_size, port, check_names, module_name, out_dir, timeout_s
 
     init_distributed(timeout_s=timeout_s)
     module = importlib.import_module(module_name)
-    results = {}
+    results = {name: "not run: an earlier check broke the process group" for name in check_names}
+    out_file = os.path.join(out_dir, f"rank{rank}.json")
     for name in check_names:
         try:
             getattr(module, name)()
             results[name] = None
         except Exception:  # noqa: BLE001 - reported to the parent test
             results[name] = traceback.format_exc()
+            print(f"[rank {rank}] {name} failed:\n{results[name]}", file=sys.stderr, flush=True)
         finally:
             destroy_model_parallel()
-        torch.distributed.barrier()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump(results, fh)
+        with open(out_file, "w") as fh:
+            json.dump(results, fh)
+        try:
+            torch.distributed.barrier()
+        except Exception:  # noqa: BLE001 - a rank died or hung; stop here, keep the results
+            return
     torch.distributed.destroy_process_group()
 
 
@@ -53,13 +54,23 @@ def run_checks(module_name: str, check_names: list[str], world_size: int,
                timeout_s: int = 120) -> dict[str, str | None]:
     """Returns {check: None if it passed on every rank, else the first rank's traceback}."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, _free_port(), check_names, module_name,
-                                          out_dir, timeout_s),
-                           nprocs=world_size, join=True, start_method="spawn")
+        try:
+            mp.start_processes(_worker, args=(world_size, free_port(), check_names, module_name,
+                                              out_dir, timeout_s),
+                               nprocs=world_size, join=True, start_method="spawn")
+        except mp.ProcessException as crash:
+            crash_report = str(crash)
+        else:
+            crash_report = "no result file"
         per_rank = []
         for rank in range(world_size):
-            with open(os.path.join(out_dir, f"rank{rank}.json")) as fh:
-                per_rank.append(json.load(fh))
+            path = os.path.join(out_dir, f"rank{rank}.json")
+            if os.path.exists(path):
+                with open(path) as fh:
+                    per_rank.append(json.load(fh))
+            else:
+                per_rank.append({name: f"rank {rank} crashed: {crash_report}"
+                                 for name in check_names})
     merged = {}
     for name in check_names:
         failures = [f"rank {r}:\n{res[name]}" for r, res in enumerate(per_rank) if res[name]]

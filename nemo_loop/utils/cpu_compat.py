@@ -115,30 +115,19 @@ def _patch_rng_tracker():
     mcore_random.CudaRNGStatesTracker.add = add
 
 
-def _patch_distributed_optimizer():
-    """The distributed optimizer selects fp32/bf16 shards by ``param.type()`` strings."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    cls = distrib_optimizer.DistributedOptimizer
-    original = cls._build_model_and_main_param_groups.__func__
+def _patch_tensor_type_name():
+    """megatron-core asserts ``param.type() == 'torch.cuda.FloatTensor'`` (optimizer, grad
+    clipping); on CPU the same tensors report 'torch.FloatTensor'."""
     original_type = torch.Tensor.type
 
+    @functools.wraps(original_type)
     def cuda_type_name(self, *args, **kwargs):
         name = original_type(self, *args, **kwargs)
-        if not args and not kwargs and isinstance(name, str) and name.startswith("torch.") \
-                and not name.startswith("torch.cuda."):
+        if not args and not kwargs and name.startswith("torch.") and "cuda" not in name:
             return "torch.cuda." + name[len("torch."):]
         return name
 
-    @functools.wraps(original)
-    def build(klass, *args, **kwargs):
-        torch.Tensor.type = cuda_type_name
-        try:
-            return original(klass, *args, **kwargs)
-        finally:
-            torch.Tensor.type = original_type
-
-    cls._build_model_and_main_param_groups = classmethod(build)
+    torch.Tensor.type = cuda_type_name
 
 
 def enable() -> bool:
@@ -168,6 +157,6 @@ def enable() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda: None
     _patch_rng_tracker()
-    _patch_distributed_optimizer()
+    _patch_tensor_type_name()
     _ENABLED = True
     return True

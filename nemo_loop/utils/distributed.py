@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import random
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +28,6 @@ class ParallelLayout:
         return world_size // model_parallel
 
 
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
 def init_distributed(timeout_s: int = 300) -> None:
     """Join the torch.distributed world described by the launcher's env (torchrun or Slurm).
 
@@ -41,16 +36,23 @@ def init_distributed(timeout_s: int = 300) -> None:
     cpu_compat.enable()
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + random.Random(os.getpid()).randint(0, 9999)))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "WORLD_SIZE" not in os.environ:
+        # A world of one on a free port, leaving the environment untouched for child processes.
+        torch.distributed.init_process_group(backend=backend, timeout=timeout, rank=0,
+                                             world_size=1,
+                                             init_method=f"tcp://127.0.0.1:{free_port()}")
+        return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(
-        backend="nccl" if torch.cuda.is_available() else "gloo",
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    torch.distributed.init_process_group(backend=backend, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def initialize_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:

@@ -119,6 +119,8 @@ class LoopModelConfig:
             sequence_parallel=sequence_parallel and tensor_parallel > 1,
             params_dtype=dtype,
             pipeline_dtype=dtype,
+            # Separate isend/irecv: the loop pipeline keeps sends in flight while it computes.
+            batch_p2p_comm=False,
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
             use_cpu_initialization=use_cpu_initialization,

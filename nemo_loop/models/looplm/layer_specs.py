@@ -18,6 +18,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
@@ -45,6 +49,19 @@ class SandwichTransformerLayer(TransformerLayer):
         self.post_mlp_layernorm = submodules.post_mlp_layernorm(**norm_kwargs)
         self.self_attn_bda = _normalize_then(self.self_attn_bda, self.post_self_attn_layernorm)
         self.mlp_bda = _normalize_then(self.mlp_bda, self.post_mlp_layernorm)
+
+
+class LoopRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm usable with sequence parallelism.
+
+    megatron-core's torch-norm wrapper refuses sequence parallelism because its weights would
+    need their TP-partial grads summed; tagging the weight ``sequence_parallel`` is exactly what
+    makes ``finalize_model_grads`` do that.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
 
 def _normalize_then(bias_dropout_add, norm):
@@ -89,18 +106,33 @@ def loop_layer_spec(layer_spec: str, backend: str = "auto") -> ModuleSpec:
     """The ModuleSpec of one shared LoopLM layer."""
     if layer_spec not in LAYER_SPECS:
         raise ValueError(f"unknown layer_spec {layer_spec!r}; choose one of {LAYER_SPECS}")
-    if resolve_backend(backend) == "te":
-        base = get_gpt_layer_with_transformer_engine_spec()
-        from megatron.core.extensions.transformer_engine import TENorm as norm_builder
-    else:
-        base = get_gpt_layer_local_spec(normalization="RMSNorm")
-        norm_builder = base.submodules.input_layernorm
-    if layer_spec == "prenorm":
-        return base
+    base, norm_builder = _base_spec(backend)
     fields = {name: getattr(base.submodules, name)
               for name in TransformerLayerSubmodules.__dataclass_fields__}
+    if layer_spec == "prenorm":
+        return ModuleSpec(module=TransformerLayer,
+                          submodules=TransformerLayerSubmodules(**fields))
     return ModuleSpec(
         module=SandwichTransformerLayer,
         submodules=SandwichLayerSubmodules(**fields, post_self_attn_layernorm=norm_builder,
                                            post_mlp_layernorm=norm_builder),
     )
+
+
+def loop_block_spec(config, backend: str = "auto") -> TransformerBlockSubmodules:
+    """This pipeline stage's slice of the shared layers, plus the final (per-loop) norm."""
+    layer = loop_layer_spec(config.layer_spec, backend)
+    _, norm_builder = _base_spec(backend)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=norm_builder)
+
+
+def _base_spec(backend: str):
+    if resolve_backend(backend) == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return get_gpt_layer_with_transformer_engine_spec(), TENorm
+    base = get_gpt_layer_local_spec(normalization="RMSNorm")
+    base.submodules.input_layernorm = LoopRMSNorm
+    base.submodules.pre_mlp_layernorm = LoopRMSNorm
+    return base, LoopRMSNorm

@@ -25,7 +25,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from nemo_loop.models.looplm.config import LoopTransformerConfig
-from nemo_loop.models.looplm.layer_specs import loop_layer_spec
+from nemo_loop.models.looplm.layer_specs import loop_block_spec
 
 
 @dataclass
@@ -98,7 +98,7 @@ class LoopGPTModel(LanguageModule):
             use_cpu_initialization=config.use_cpu_initialization)
         # Every stage receives its input explicitly, so the block never reads set_input_tensor.
         self.decoder = TransformerBlock(config=config,
-                                        spec=loop_layer_spec(config.layer_spec, backend),
+                                        spec=loop_block_spec(config, backend),
                                         pre_process=True, post_process=post_process)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -148,11 +148,11 @@ class LoopGPTModel(LanguageModule):
         chosen = torch.stack([readouts[r - 1] for r in logit_loops])
         logits = None
         if compute_logits:
-            n, s, b, h = chosen.shape
             weight = self.shared_embedding_or_output_weight() \
                 if self.share_embeddings_and_output_weights else None
-            flat, _ = self.output_layer(chosen.reshape(n * s, b, h), weight=weight)
-            logits = flat.reshape(n, -1, b, flat.shape[-1])
+            # One call per loop: under sequence parallelism the layer gathers along dim 0,
+            # which must be the sequence of a single loop.
+            logits = torch.stack([self.output_layer(h, weight=weight)[0] for h in chosen])
         return LoopOutput(loops=list(logit_loops), readouts=chosen, logits=logits,
                           exit_logits=gate)
 

@@ -118,7 +118,7 @@ def forward_backward_loops(
     dict of metrics. Returns, on the last stage, per micro-batch the metrics dict — or, when
     ``loss_func`` is None (forward_only), the ``LoopOutput`` itself. Other stages return [].
     """
-    stage = _unwrap(model)
+    stage = unwrap_model(model)
     num_loops = check_num_loops(stage.num_loops if num_loops is None else num_loops,
                                 stage.num_loops)
     logit_loops = check_logit_loops(logit_loops, num_loops)
@@ -205,7 +205,8 @@ def _hidden_shape(batch, config) -> tuple[int, int, int]:
     return (seq, batch_size, config.hidden_size)
 
 
-def _unwrap(model) -> LoopGPTModel:
+def unwrap_model(model) -> LoopGPTModel:
+    """The LoopGPTModel inside DDP/Float16 wrappers."""
     while not isinstance(model, LoopGPTModel):
         model = model.module
     return model

@@ -1,0 +1,104 @@
+"""Training plumbing shared by every algorithm: DDP, the distributed optimizer, one step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from nemo_loop.models.looplm.pipeline import LossFunc, forward_backward_loops
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_steps: int = 1000
+    decay_style: str = "cosine"
+    use_distributed_optimizer: bool = True
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, "
+                             f"min_lr={self.min_lr}")
+        if self.decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optim.decay_style must be constant, linear or cosine, got "
+                             f"{self.decay_style!r}")
+        if self.warmup_steps < 0 or self.decay_steps < 1:
+            raise ValueError("optim: warmup_steps must be >= 0 and decay_steps >= 1")
+
+
+def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool = True):
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer)
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(ddp_model, optim: OptimConfig):
+    optim.validate()
+    config = ddp_model.module.config
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
+                        weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1,
+                        adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+                        clip_grad=optim.clip_grad, bf16=config.bf16, fp16=config.fp16,
+                        params_dtype=config.params_dtype,
+                        use_distributed_optimizer=optim.use_distributed_optimizer),
+        [ddp_model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
+        min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(optim.decay_steps, optim.warmup_steps + 1),
+        lr_decay_style=optim.decay_style, start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def train_step(ddp_model, optimizer, scheduler, micro_batches: Sequence[dict],
+               loss_func: LossFunc, num_loops: int | None = None) -> dict:
+    """Gradient accumulation over ``micro_batches``, grad sync, clip, optimizer and LR step.
+
+    ``loss_func`` must scale its loss by 1/len(micro_batches). Returns metrics averaged over
+    the micro-batches and the data-parallel group (on the last pipeline stage; empty elsewhere)
+    plus the grad norm and learning rate.
+    """
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    metrics = forward_backward_loops(ddp_model, micro_batches, loss_func, num_loops=num_loops)
+    finalize_model_grads([ddp_model])
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=1)
+    summary = average_metrics(metrics)
+    summary["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    summary["lr"] = optimizer.param_groups[0]["lr"]
+    summary["update_skipped"] = not update_ok
+    return summary
+
+
+def average_metrics(per_micro_batch: list[dict]) -> dict:
+    """Mean over micro-batches, then over the data-parallel group. Tensors become lists/floats."""
+    if not per_micro_batch:
+        return {}
+    summary = {}
+    for key in per_micro_batch[0]:
+        stacked = torch.stack([torch.as_tensor(m[key], dtype=torch.float64)
+                               for m in per_micro_batch]).mean(0)
+        if parallel_state.get_data_parallel_world_size() > 1:
+            torch.distributed.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
+            stacked /= parallel_state.get_data_parallel_world_size()
+        summary[key] = stacked.tolist()
+    return summary

@@ -1,0 +1,65 @@
+"""Typed configs from OmegaConf YAML plus CLI dotlist overrides, checked once at load time.
+
+``model=NAME`` (no dot) swaps the whole ``model`` section for ``conf/model/NAME.yaml`` (or a
+path to a YAML file); ``section.key=value`` overrides one field. Unknown keys and wrong types
+are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+T = TypeVar("T")
+
+
+def _model_section(name: str) -> dict:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ValueError(f"model config {name!r} not found at {path}; known models: {known}")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
+                overrides: list[str] | None = None) -> T:
+    """Schema defaults ← YAML file ← ``model=NAME`` ← dotlist overrides; then ``validate()``."""
+    overrides = list(overrides or [])
+    base = OmegaConf.structured(schema)
+    layers = []
+    if yaml_path is not None:
+        if not Path(yaml_path).is_file():
+            raise FileNotFoundError(f"config file not found: {yaml_path}")
+        layers.append(OmegaConf.load(yaml_path))
+    dotted = []
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key == "model" and not value.startswith("{"):
+            layers.append(OmegaConf.create({"model": _model_section(value)}))
+        else:
+            dotted.append(item)
+    try:
+        for layer in layers:
+            if "model" in layer and isinstance(layer.model, str):
+                layer.model = _model_section(layer.model)
+            base = OmegaConf.merge(base, layer)
+        base = OmegaConf.merge(base, OmegaConf.from_dotlist(dotted))
+        config = OmegaConf.to_object(base)
+    except OmegaConfBaseException as error:
+        where = getattr(error, "full_key", None)
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"invalid config at {where!r}: {reason}" if where
+                         else f"invalid config: {reason}") from None
+    config.validate()
+    return config
+
+
+def to_dict(config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config))

@@ -1,0 +1,44 @@
+import pytest
+
+from nemo_loop.algorithms.pretrain import PretrainConfig
+from nemo_loop.config import CONF_DIR, load_config
+
+
+def test_default_yaml_loads_the_tiny_model():
+    config = load_config(PretrainConfig, CONF_DIR / "pretrain.yaml")
+    assert config.model.name == "tiny" and config.model.num_loops == 4
+
+
+def test_model_swap_and_dotlist_overrides():
+    config = load_config(PretrainConfig, CONF_DIR / "pretrain.yaml",
+                         ["model=ouro_1p4b", "model.num_loops=2", "trainer.max_steps=7"])
+    assert config.model.hidden_size == 2048 and config.model.num_layers == 24
+    assert config.model.num_loops == 2 and config.trainer.max_steps == 7
+
+
+@pytest.mark.parametrize("override, message", [
+    (["trainer.bogus=1"], "trainer.bogus"),
+    (["model.num_loops=abc"], "model.num_loops"),
+    (["model=no_such_model"], "no_such_model"),
+    (["model.layer_spec=postnorm"], "unknown layer_spec"),
+    (["model.num_loops=0"], "num_loops"),
+    (["optim.decay_style=step"], "decay_style"),
+    (["data.modulus=100"], "vocab"),
+    (["trainer.max_steps"], "key=value"),
+])
+def test_bad_configs_name_the_problem(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(PretrainConfig, CONF_DIR / "pretrain.yaml", override)
+
+
+def test_batch_divisibility_is_checked_against_the_world():
+    config = load_config(PretrainConfig, CONF_DIR / "pretrain.yaml",
+                         ["trainer.global_batch_size=48", "trainer.micro_batch_size=16"])
+    config.validate(world_size=1)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        config.validate(world_size=2)
+
+
+def test_missing_yaml_is_an_error():
+    with pytest.raises(FileNotFoundError):
+        load_config(PretrainConfig, "conf/nope.yaml")

@@ -1,0 +1,157 @@
+import pytest
+import torch
+
+from nemo_loop.models.looplm.config import LoopModelConfig
+
+TINY = LoopModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                       num_query_groups=2, vocab_size=128, max_sequence_length=64, num_loops=4)
+
+
+@pytest.fixture
+def model(megatron_single_process):
+    from nemo_loop.models.looplm.model import build_loop_model
+
+    torch.manual_seed(0)
+    return build_loop_model(TINY.transformer_config())
+
+
+def _tokens(batch=2, seq=10, seed=0):
+    return torch.randint(0, TINY.vocab_size, (batch, seq),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def test_fewer_loops_are_exactly_the_first_loops(model):
+    ids = _tokens()
+    full = model(ids)
+    for loops in range(1, TINY.num_loops + 1):
+        partial = model(ids, num_loops=loops)
+        assert partial.logits.shape == (loops, 10, 2, TINY.vocab_size)
+        assert torch.equal(partial.logits, full.logits[:loops])
+        assert torch.equal(partial.exit_logits, full.exit_logits[:loops])
+
+
+def test_loops_differ_from_each_other(model):
+    logits = model(_tokens()).logits
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_head_runs_only_for_requested_loops(model):
+    calls = []
+    handle = model.output_layer.register_forward_hook(lambda *_: calls.append(1))
+    output = model(_tokens(), logit_loops=[2, 4])
+    handle.remove()
+    assert len(calls) == 2 and output.loops == [2, 4]
+    assert torch.equal(output.logits, model(_tokens()).logits[[1, 3]])
+
+
+def test_exit_distribution_sums_to_one_and_matches_definition():
+    from nemo_loop.models.looplm.model import exit_distribution
+
+    gates = torch.randn(4, 5, 3) * 10
+    probs = exit_distribution(gates)
+    assert torch.allclose(probs.sum(0), torch.ones(5, 3), atol=1e-6)
+    lam = torch.sigmoid(gates.double())
+    expected = [lam[0], lam[1] * (1 - lam[0]), lam[2] * (1 - lam[0]) * (1 - lam[1]),
+                (1 - lam[0]) * (1 - lam[1]) * (1 - lam[2])]
+    assert torch.allclose(probs.double(), torch.stack(expected), atol=1e-6)
+
+
+def test_model_exit_probs_sum_to_one(model):
+    probs = model(_tokens(), num_loops=3).exit_probs
+    assert probs.shape == (3, 10, 2)
+    assert torch.allclose(probs.sum(0), torch.ones(10, 2), atol=1e-6)
+
+
+def test_attention_is_causal(model):
+    ids = _tokens()
+    changed = ids.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % TINY.vocab_size
+    a, b = model(ids).logits, model(changed).logits
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("loops", [0, 5, -1])
+def test_bad_loop_counts_are_rejected(model, loops):
+    with pytest.raises(ValueError, match="num_loops"):
+        model(_tokens(), num_loops=loops)
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="not divisible by tensor_parallel"):
+        LoopModelConfig(num_attention_heads=4, num_query_groups=4).validate(tensor_parallel=8)
+    with pytest.raises(ValueError, match="unknown layer_spec"):
+        LoopModelConfig(layer_spec="postnorm").validate()
+    with pytest.raises(ValueError, match="num_loops"):
+        LoopModelConfig(num_loops=0).validate()
+    with pytest.raises(ValueError, match="pipeline_parallel"):
+        LoopModelConfig(num_layers=3).validate(pipeline_parallel=2)
+
+
+def test_unknown_layer_backend_is_rejected():
+    from nemo_loop.models.looplm.layer_specs import loop_layer_spec
+
+    with pytest.raises(ValueError, match="unknown layer backend"):
+        loop_layer_spec("sandwich", backend="cudnn")
+    with pytest.raises(ValueError, match="unknown layer_spec"):
+        loop_layer_spec("bogus")
+
+
+def test_sandwich_layer_has_four_norms_and_prenorm_two(megatron_single_process):
+    from nemo_loop.models.looplm.model import build_loop_model
+
+    def norms(layer_spec):
+        cfg = LoopModelConfig(**{**TINY.__dict__, "layer_spec": layer_spec})
+        layer = build_loop_model(cfg.transformer_config()).decoder.layers[0]
+        return sorted(n.split(".")[0] for n, _ in layer.named_parameters() if "layernorm" in n)
+
+    assert norms("sandwich") == ["input_layernorm", "post_mlp_layernorm",
+                                 "post_self_attn_layernorm", "pre_mlp_layernorm"]
+    assert norms("prenorm") == ["input_layernorm", "pre_mlp_layernorm"]
+
+
+def test_sandwich_post_norms_shape_the_residual_stream(model):
+    """Scaling a post-norm weight must change the output (the norm is really applied)."""
+    ids = _tokens()
+    before = model(ids).logits
+    with torch.no_grad():
+        model.decoder.layers[0].post_mlp_layernorm.weight.mul_(3.0)
+    assert not torch.allclose(before, model(ids).logits)
+
+
+def test_ouro_loss_matches_a_direct_computation(model):
+    from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
+
+    ids, labels = _tokens(seed=1), _tokens(seed=2)
+    mask = torch.ones(2, 10)
+    mask[1, :4] = 0
+    output = model(ids)
+    loss, metrics = ouro_pretraining_loss(output, labels, mask, entropy_beta=0.1)
+    logp = torch.log_softmax(output.logits.double(), -1)  # [n, s, b, V]
+    ce = -logp.gather(-1, labels.t()[None, :, :, None].expand(4, -1, -1, 1)).squeeze(-1)
+    p = output.exit_probs.double()
+    per_token = (p * ce).sum(0) + 0.1 * (p * p.log()).sum(0)
+    expected = (per_token * mask.t()).sum() / mask.sum()
+    assert abs(loss.item() - expected.item()) < 1e-5
+    assert torch.allclose(metrics["ce_per_loop"].double(),
+                          (ce * mask.t()).sum((1, 2)) / mask.sum(), atol=1e-5)
+
+
+def test_pipeline_schedule_at_pp1_equals_plain_autograd(model):
+    from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
+    from nemo_loop.models.looplm.pipeline import forward_backward_loops
+
+    batches = [dict(input_ids=_tokens(seed=s), labels=_tokens(seed=s + 10),
+                    loss_mask=torch.ones(2, 10)) for s in range(3)]
+
+    def loss_func(batch, output):
+        loss, metrics = ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
+        return loss / len(batches), metrics
+
+    forward_backward_loops(model, batches, loss_func, num_loops=3)
+    scheduled = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for batch in batches:
+        loss_func(batch, model(batch["input_ids"], num_loops=3))[0].backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(scheduled[name], param.grad, atol=1e-6), name
