@@ -212,6 +212,59 @@ def check_distributed_optimizer_tp2_dp2_matches_single_process():
     assert err <= TOLERANCE, err
 
 
+def check_checkpoint_resume_is_exact_tp2_dp2():
+    """Save at step 2 of 4 with the distributed optimizer, resume in fresh objects, compare."""
+    import tempfile
+
+    from nemo_loop.algorithms.common import (
+        OptimConfig,
+        build_optimizer,
+        train_step,
+        wrap_data_parallel,
+    )
+    from nemo_loop.checkpointing import load_checkpoint, save_checkpoint
+    from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
+    from nemo_loop.models.looplm.state_dict import gather_full_state_dict
+
+    optim = OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, decay_steps=10)
+    layout = ParallelLayout(tensor_parallel=2)
+
+    def fresh():
+        ddp = wrap_data_parallel(_build(layout))
+        return (ddp, *build_optimizer(ddp, optim))
+
+    def step(objects, index):
+        batches = _micro_batches(count=2, seed=100 + index)
+        mine = batches[parallel_state.get_data_parallel_rank()::2]
+
+        def loss_func(batch, output):
+            loss, metrics = ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
+            return loss / len(mine), metrics
+
+        train_step(*objects, mine, loss_func)
+
+    root = [tempfile.mkdtemp() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(root)
+    original = fresh()
+    for index in range(4):
+        if index == 2:
+            save_checkpoint(root[0], 2, *original)
+        step(original, index)
+    expected = gather_full_state_dict(original[0])
+    parallel_state.destroy_model_parallel()
+
+    resumed = fresh()
+    start = load_checkpoint(root[0], *resumed)
+    assert start == 2
+    for index in range(start, 4):
+        step(resumed, index)
+    got = gather_full_state_dict(resumed[0])
+    err = max(_max_err(got[name], expected[name]) for name in expected)
+    if torch.distributed.get_rank() == 0:
+        print(f"PARITY checkpoint resume tp=2 dp=2 params={err:.2e}", flush=True)
+    assert err == 0.0, err
+
+
 CHECKS = [name for name in dir() if name.startswith("check_")]
 
 
