@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,26 +32,43 @@ def _step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:07d}"
 
 
-def _sharded_state(ddp_model, optimizer, step: int, for_load: bool):
+def _sharded_state(ddp_model, optimizer, extra_modules, for_load: bool):
     model_state = ddp_model.module.sharded_state_dict()
-    return {"model": model_state,
-            "optimizer": optimizer.sharded_state_dict(model_state, is_loading=for_load,
-                                                      metadata=_OPTIMIZER_FORMAT)}
+    state = {"model": model_state,
+             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=for_load,
+                                                       metadata=_OPTIMIZER_FORMAT)}
+    for name, module in (extra_modules or {}).items():
+        state[name] = module.sharded_state_dict(prefix=f"{name}.")
+    return state
 
 
-def save_checkpoint(root: str | Path, step: int, ddp_model, optimizer, scheduler) -> Path:
+def save_checkpoint(root: str | Path, step: int, ddp_model, optimizer, scheduler,
+                    extra_modules: dict | None = None, trainer_state: dict | None = None) -> Path:
+    """Write ``root/step_N`` atomically: into ``step_N.tmp``, then renamed, then marked latest.
+
+    A crash mid-save leaves the previous checkpoint and the ``latest`` marker untouched.
+    ``extra_modules`` (e.g. an EMA teacher) are saved sharded beside the model;
+    ``trainer_state`` (JSON) holds the step, data position and anything else to resume.
+    """
     root = Path(root)
-    path = _step_dir(root, step)
+    final, staging = _step_dir(root, step), _step_dir(root, step).with_suffix(".tmp")
     if torch.distributed.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(_sharded_state(ddp_model, optimizer, step, for_load=False), str(path))
+    dist_checkpointing.save(_sharded_state(ddp_model, optimizer, extra_modules, for_load=False),
+                            str(staging))
+    torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        (path / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "scheduler": scheduler.state_dict()}))
-        (root / LATEST).write_text(str(step))
+        (staging / "trainer_state.json").write_text(json.dumps(
+            {**(trainer_state or {}), "step": step, "scheduler": scheduler.state_dict()}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        marker = root / (LATEST + ".tmp")
+        marker.write_text(str(step))
+        os.replace(marker, root / LATEST)
     torch.distributed.barrier()
-    return path
+    return final
 
 
 def latest_step(root: str | Path) -> int | None:
@@ -76,8 +95,8 @@ def _materialise_optimizer_state(optimizer) -> None:
 
 
 def load_checkpoint(root: str | Path, ddp_model, optimizer, scheduler,
-                    step: int | None = None) -> int:
-    """Restore the state saved at ``step`` (default: latest); returns that step."""
+                    step: int | None = None, extra_modules: dict | None = None) -> dict:
+    """Restore the state saved at ``step`` (default: latest); returns the trainer state."""
     root = Path(root)
     step = latest_step(root) if step is None else step
     if step is None:
@@ -87,15 +106,19 @@ def load_checkpoint(root: str | Path, ddp_model, optimizer, scheduler,
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     _materialise_optimizer_state(optimizer)
     with torch.no_grad():
-        state = dist_checkpointing.load(_sharded_state(ddp_model, optimizer, step, for_load=True),
-                                        str(path))
+        state = dist_checkpointing.load(
+            _sharded_state(ddp_model, optimizer, extra_modules, for_load=True), str(path))
         ddp_model.module.load_state_dict(state["model"])
+        for name, module in (extra_modules or {}).items():
+            prefix = f"{name}."
+            module.load_state_dict({key[len(prefix):]: value
+                                    for key, value in state[name].items()})
         with _tolerate_missing_step(optimizer):
             optimizer.load_state_dict(state["optimizer"])
     _restore_per_parameter_steps(optimizer)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(trainer_state["scheduler"])
-    return trainer_state["step"]
+    return trainer_state
 
 
 def _inner_optimizers(optimizer):
@@ -135,3 +158,28 @@ def _restore_per_parameter_steps(optimizer) -> None:
             for param in group["params"]:
                 if param in inner.state and "step" in inner.state[param]:
                     inner.state[param]["step"] = torch.as_tensor(float(group["step"]))
+
+
+# ----- model-only checkpoints (converters, evaluation): no optimizer, any TP/PP on load -----
+
+
+def save_model_checkpoint(model, path: str | Path) -> Path:
+    """Save only the model's sharded state to ``path`` (collective over all ranks)."""
+    path = Path(path)
+    if torch.distributed.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(path))
+    torch.distributed.barrier()
+    return path
+
+
+def load_model_checkpoint(model, path: str | Path) -> None:
+    """Load the model part of a dist checkpoint (model-only or training) into ``model``,
+    whatever TP/PP layout it was saved under."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    with torch.no_grad():
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        model.load_state_dict(state["model"])
