@@ -1,5 +1,7 @@
 """Typed configs from OmegaConf YAML plus CLI dotlist overrides, checked once at load time.
 
+A YAML file may start from another with ``base: other.yaml`` (relative to its own folder, then
+to ``conf/``), which is how ``conf/ablations/*.yaml`` change one factor of ``conf/llopsd.yaml``.
 ``model=NAME`` (no dot) swaps the whole ``model`` section for ``conf/model/NAME.yaml`` (or a
 path to a YAML file); ``section.key=value`` overrides one field. Unknown keys and wrong types
 are errors that name the key.
@@ -26,6 +28,20 @@ def _model_section(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
+def _yaml_with_bases(path: Path, seen: tuple = ()) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path} includes itself through 'base'")
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None)
+    if base is None:
+        return [layer]
+    candidates = [path.parent / base, CONF_DIR / base]
+    base_path = next((c for c in candidates if c.is_file()), candidates[0])
+    return _yaml_with_bases(base_path, seen + (path.resolve(),)) + [layer]
+
+
 def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
                 overrides: list[str] | None = None) -> T:
     """Schema defaults ← YAML file ← ``model=NAME`` ← dotlist overrides; then ``validate()``."""
@@ -33,9 +49,7 @@ def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
     base = OmegaConf.structured(schema)
     layers = []
     if yaml_path is not None:
-        if not Path(yaml_path).is_file():
-            raise FileNotFoundError(f"config file not found: {yaml_path}")
-        layers.append(OmegaConf.load(yaml_path))
+        layers.extend(_yaml_with_bases(Path(yaml_path)))
     dotted = []
     for item in overrides:
         if "=" not in item:

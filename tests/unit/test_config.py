@@ -42,3 +42,37 @@ def test_batch_divisibility_is_checked_against_the_world():
 def test_missing_yaml_is_an_error():
     with pytest.raises(FileNotFoundError):
         load_config(PretrainConfig, "conf/nope.yaml")
+
+
+ABLATIONS = sorted((CONF_DIR / "ablations").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", ABLATIONS, ids=lambda p: p.stem)
+def test_every_ablation_preset_loads_and_changes_one_factor(preset):
+    from nemo_loop.algorithms.llopsd import LLOPSDConfig
+    from nemo_loop.config import to_dict
+
+    base = to_dict(load_config(LLOPSDConfig, CONF_DIR / "llopsd.yaml"))
+    ablation = to_dict(load_config(LLOPSDConfig, preset))
+    changed = {section for section in base if base[section] != ablation[section]}
+    assert len(changed) == 1, changed
+
+
+def test_ablation_grid_is_covered():
+    from nemo_loop.algorithms.llopsd import LLOPSDConfig
+
+    configs = [load_config(LLOPSDConfig, p) for p in ABLATIONS]
+    configs.append(load_config(LLOPSDConfig, CONF_DIR / "llopsd.yaml"))
+    assert {c.rollout.student_loops for c in configs} == {2, 3, 4}
+    assert {c.loss.mapping for c in configs} == {"shift", "linear", "fixed"}
+    assert {c.loss.weighting for c in configs} == {"uniform", "late_heavy", "adaptive", "terminal"}
+    assert {c.loss.divergence for c in configs} == {"forward_kl", "reverse_kl", "jsd"}
+    assert {c.teacher.context.kind for c in configs} == {"opsd", "sdpo", "opsdc"}
+    assert {c.teacher.mode for c in configs} == {"same", "ema", "frozen"}
+
+
+def test_base_cycles_are_rejected(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="includes itself"):
+        load_config(PretrainConfig, tmp_path / "a.yaml")

@@ -1,0 +1,60 @@
+"""Privileged teacher contexts c: what the teacher sees that the student does not.
+
+* ``opsd``  — the ground-truth answer (and the reference solution where the data has one);
+* ``sdpo``  — a verifier's feedback on the student's own rollout y: the answer it extracted
+  and whether it matches the ground truth;
+* ``opsdc`` — an instruction to be concise, with no privileged answer.
+
+The teacher's user turn is the student's (problem + instruction) followed by the context, so the
+two prompts differ only by c.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nemo_loop.data.prompts import PromptRecord
+
+CONTEXT_KINDS = ("opsd", "sdpo", "opsdc")
+# (response text, ground truth) → (extracted answer or None, is it correct)
+Verifier = Callable[[str, str], tuple[str | None, bool]]
+
+
+@dataclass
+class TeacherContextConfig:
+    kind: str = "opsd"
+    include_solution: bool = True
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    concise_instruction: str = ("Be concise: reach the final answer with as few steps and "
+                                "tokens as possible.")
+
+    def validate(self) -> None:
+        if self.kind not in CONTEXT_KINDS:
+            raise ValueError(f"teacher.context.kind must be one of {CONTEXT_KINDS}, got "
+                             f"{self.kind!r}")
+
+
+def student_message(record: PromptRecord, config: TeacherContextConfig) -> str:
+    return f"{record.problem}\n{config.instruction}".strip()
+
+
+def teacher_message(record: PromptRecord, response_text: str, config: TeacherContextConfig,
+                    verifier: Verifier) -> str:
+    return f"{student_message(record, config)}\n\n{privileged_context(record, response_text, config, verifier)}"
+
+
+def privileged_context(record: PromptRecord, response_text: str, config: TeacherContextConfig,
+                       verifier: Verifier) -> str:
+    if config.kind == "opsd":
+        context = f"(For reference, the correct final answer is {record.answer}.)"
+        if config.include_solution and record.solution:
+            context += f"\nReference solution:\n{record.solution}"
+        return context
+    if config.kind == "sdpo":
+        extracted, correct = verifier(response_text, record.answer)
+        if extracted is None:
+            return "(Feedback on an earlier attempt: it did not state a final answer.)"
+        verdict = "correct" if correct else "incorrect"
+        return f"(Feedback on an earlier attempt: its final answer {extracted} is {verdict}.)"
+    return f"({config.concise_instruction})"

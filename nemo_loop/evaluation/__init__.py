@@ -1,0 +1,1 @@
+"""Evaluation of LoopLMs on math benchmarks at every loop budget (see docs/evaluation.md)."""

@@ -1,0 +1,126 @@
+"""The generation interface every LoopLM engine implements, and its request/result types.
+
+An engine turns token-id prompts into continuations with a chosen loop budget (1 ≤ num_loops ≤
+R) and can be refit with the trainer's current weights. Two kinds of log-prob come back with
+every generated token:
+
+* ``logprobs``: log-softmax of the *final loop's* logits at temperature 1, over the full
+  vocabulary, with no top-k/top-p truncation. This is the model's own distribution
+  log π_θ(y_t | x, y_<t) at the loop budget that generated the token, which is what a trainer
+  recomputes with a plain forward; on-policy distillation compares it with the teacher's.
+* ``sampling_logprobs``: the log-prob of the token under the distribution it was actually drawn
+  from (temperature, top-k and top-p applied). It is the behaviour policy's log-prob that an
+  importance ratio needs. Greedy decoding draws from a point mass, so it is 0 there.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each new token.
+
+    ``temperature == 0`` is greedy (argmax of the final loop's logits). ``top_k == 0`` and
+    ``top_p == 1`` switch those filters off. ``seed`` fixes the sampling stream; ``None`` draws a
+    fresh one (still identical on every tensor-parallel rank).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    stop_token_ids: Sequence[int] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            problems.append(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            problems.append(f"max_new_tokens must be an integer >= 1, got "
+                            f"{self.max_new_tokens!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            problems.append(f"stop_token_ids must be non-negative integers, got "
+                            f"{list(self.stop_token_ids)!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            problems.append(f"seed must be an integer or None, got {self.seed!r}")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's continuation. A stop token that ended it is the last of ``token_ids``."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # final loop, temperature 1, full vocabulary (see module docstring)
+    sampling_logprobs: list[float]  # under the distribution the token was drawn from
+    finish_reason: FinishReason
+    num_loops: int
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class RefitReport:
+    """What a refit did: ``"rebind"`` shares the trainer's tensors (no copy), ``"copy"`` copied
+    them into the engine's own parameters."""
+
+    mode: Literal["rebind", "copy"]
+    seconds: float
+    bytes_copied: int = 0
+    tensors: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class GenerationEngine(ABC):
+    """Generates with a LoopLM at a per-call loop budget; refit() brings in trainer weights."""
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], num_loops: int,
+                 sampling: SamplingParams) -> list[GenerationResult]:
+        """Continue each prompt; results come back in prompt order."""
+
+    @abstractmethod
+    def refit(self, source: torch.nn.Module | Mapping[str, torch.Tensor]) -> RefitReport:
+        """Make the engine generate with ``source``'s current weights."""
+
+
+def validate_prompts(prompts: list[list[int]], vocab_size: int,
+                     max_sequence_length: int) -> None:
+    """Clear errors for the ways a prompt batch can be malformed."""
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+            raise ValueError(f"prompt {index} must be a non-empty list of token ids")
+        if len(prompt) >= max_sequence_length:
+            raise ValueError(f"prompt {index} has {len(prompt)} tokens, which leaves no room to "
+                             f"generate within max_sequence_length={max_sequence_length}")
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size}): "
+                             f"{bad[:5]!r}")

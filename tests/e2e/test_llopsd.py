@@ -1,0 +1,93 @@
+"""LLOPSD end to end on the tiny LoopLM with the real Ouro tokenizer and MATH-train prompts."""
+
+import pytest
+import torch
+
+from nemo_loop.algorithms.llopsd import LLOPSDConfig, train
+from nemo_loop.config import CONF_DIR, load_config
+
+
+def _verifier(text, gold):
+    from nemo_loop.evaluation.answers import check_response
+
+    verdict = check_response(text, gold)
+    return verdict.extracted, verdict.correct
+
+
+def _config(tmp_path, *overrides):
+    return load_config(LLOPSDConfig, CONF_DIR / "llopsd.yaml", [
+        f"output_dir={tmp_path}", "rollout.max_new_tokens=6", "data.limit=8",
+        "trainer.prompts_per_step=2", "trainer.micro_batch_size=1", *overrides])
+
+
+@pytest.mark.resume
+def test_resumed_run_repeats_the_uninterrupted_losses(megatron_single_process, tmp_path):
+    common = ["teacher.mode=ema", "teacher.context.kind=sdpo", "trainer.save_interval=2"]
+    straight = train(_config(tmp_path / "straight", "trainer.max_steps=4", *common), _verifier)
+    first = train(_config(tmp_path / "resumed", "trainer.max_steps=2", *common), _verifier)
+    second = train(_config(tmp_path / "resumed", "trainer.max_steps=4", *common), _verifier)
+    assert len(first) == 2 and len(second) == 2  # the second run started at step 2
+    losses = [m["loss"] for m in straight]
+    assert losses == [m["loss"] for m in first + second]
+    assert len(set(losses)) == 4  # the steps really differ
+
+
+def test_overfitting_pulls_student_loops_onto_the_teacher(megatron_single_process, tmp_path):
+    history = train(_config(tmp_path, "trainer.max_steps=40", "data.limit=2",
+                            "teacher.mode=frozen", "optim.lr=1e-2", "optim.min_lr=1e-2",
+                            "optim.decay_style=constant", "trainer.resume=false"), _verifier)
+    start = torch.tensor(history[0]["divergence_per_loop"])
+    end = torch.tensor(history[-1]["divergence_per_loop"])
+    assert (end < start / 5).all(), (start, end)
+
+
+def test_left_padding_does_not_change_response_logits(megatron_single_process):
+    from nemo_loop.data.sequences import build_batch
+    from nemo_loop.models.looplm.model import build_loop_model
+
+    config = _config("unused").model
+    torch.manual_seed(0)
+    model = build_loop_model(config.transformer_config())
+    prompt, other, response = [1, 50, 60, 70, 2], [1, 9, 2], [300, 301, 302]
+    alone = build_batch([prompt], [response], pad_id=0)
+    padded = build_batch([prompt, other + [5] * 0], [response, [4]], pad_id=0)
+    short = build_batch([other, prompt], [[4], response], pad_id=0)  # prompt is the longest
+    logits = {}
+    for name, batch, row in (("alone", alone, 0), ("padded", padded, 0), ("short", short, 1)):
+        output = model(batch.input_ids, batch.position_ids, batch.attention_mask)
+        logits[name] = output.logits[:, batch.response_window, row]
+    assert torch.allclose(logits["alone"], logits["padded"], atol=1e-5)
+    other_alone = build_batch([other], [[4]], pad_id=0)
+    out = model(other_alone.input_ids, other_alone.position_ids, other_alone.attention_mask)
+    out_padded = model(short.input_ids, short.position_ids, short.attention_mask)
+    window = slice(short.prompt_length - 1, short.prompt_length)
+    assert torch.allclose(out.logits[:, other_alone.response_window, 0],
+                          out_padded.logits[:, window, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.student_loops=5", "student_loops"),
+    ("rollout.student_loops=0", "student_loops"),
+    ("loss.mapping=explicit", "explicit"),
+    ("loss.divergence=tv", "divergence"),
+    ("teacher.mode=copy", "teacher.mode"),
+    ("teacher.context.kind=hint", "context.kind"),
+    ("parallel.pipeline_parallel=2", "pipeline_parallel"),
+    ("data.path=/nonexistent.jsonl", "prompt set not found"),
+    ("data.answer_format=xml", "answer_format"),
+])
+def test_bad_configs_name_the_problem(tmp_path, override, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        _config(tmp_path, override)
+
+
+def test_tokenizer_must_match_the_vocab(megatron_single_process, tmp_path):
+    config = _config(tmp_path, "model.vocab_size=64")
+    with pytest.raises(ValueError, match="vocab_size"):
+        train(config, _verifier)
+
+
+def test_batch_sizes_must_divide(tmp_path):
+    config = _config(tmp_path, "trainer.prompts_per_step=3", "trainer.micro_batch_size=2")
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        config.validate(world_size=1)

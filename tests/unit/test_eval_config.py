@@ -1,0 +1,43 @@
+"""conf/eval.yaml loads into EvalConfig; overrides and validation."""
+
+import pytest
+
+from nemo_loop.config import CONF_DIR, load_config
+from nemo_loop.evaluation.config import EvalConfig
+
+
+def test_default_eval_config_loads_with_all_loop_budgets():
+    config = load_config(EvalConfig, CONF_DIR / "eval.yaml")
+    assert config.model.name == "tiny" and config.checkpoint is None
+    assert config.budgets() == list(range(1, config.model.num_loops + 1))
+    assert [spec.name for spec in config.benchmark_specs()] == ["math500"]
+
+
+def test_custom_benchmark_and_overrides():
+    config = load_config(EvalConfig, CONF_DIR / "eval.yaml", [
+        "benchmarks=[aime24,amc23]", "custom.path=/tmp/x.jsonl", "custom.name=mine",
+        "custom.problem_field=q", "custom.answer_format=after_hashes", "loop_budgets=[4,1]",
+        "prompt.instruction_suffix=Show your work."])
+    assert [s.name for s in config.benchmark_specs()] == ["aime24", "amc23", "mine"]
+    assert config.benchmark_specs()[-1].problem_field == "q"
+    assert config.budgets() == [1, 4]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("benchmarks=[nope]", "unknown benchmark"),
+    ("loop_budgets=[0,2]", "loop_budgets"),
+    ("loop_budgets=[5]", "loop_budgets"),
+    ("n_samples=0", "n_samples"),
+    ("custom.name=math500", "clashes"),
+    ("sampling.top_p=0", "top_p"),
+    ("custom.answer_format=weird", None),
+])
+def test_invalid_configs_are_rejected(override, message):
+    overrides = [override]
+    if override.startswith("custom.name"):
+        overrides.append("custom.path=/tmp/x.jsonl")
+    if override.startswith("custom.answer_format"):
+        overrides.append("custom.path=/tmp/x.jsonl")
+        message = "answer_format"
+    with pytest.raises(ValueError, match=message):
+        load_config(EvalConfig, CONF_DIR / "eval.yaml", overrides)
