@@ -101,6 +101,10 @@ def bench_config(name: str, config: LoopModelConfig, new_tokens: int, no_cache_t
     n_recompute = _timed(lambda: recompute.generate(prompts, full_loops, greedy(no_cache_tokens)))
     per_token_cached = (n_cached - first_cached) / (no_cache_tokens - 1)
     per_token_recompute = (n_recompute - first_recompute) / (no_cache_tokens - 1)
+    if per_token_cached <= 0 or per_token_recompute <= 0:
+        print("WARNING: a 1-token run took longer than the n-token run (host load changed "
+              "mid-measurement); rerun with --repeats 2")
+        per_token_cached = per_token_recompute = float("nan")
 
     trainer = _build(config, seed=1)
     rebind_engine = NativeLoopEngine(_build(config, seed=2))

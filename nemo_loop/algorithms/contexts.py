@@ -5,8 +5,8 @@
   and whether it matches the ground truth;
 * ``opsdc`` — an instruction to be concise, with no privileged answer.
 
-The teacher's user turn is the student's (problem + instruction) followed by the context, so the
-two prompts differ only by c.
+The teacher's user turn is the student's (problem + instruction suffix) followed by c, built by
+:meth:`nemo_loop.data.chat.ChatTokenizer.user_message`, so the two prompts differ only by c.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ Verifier = Callable[[str, str], tuple[str | None, bool]]
 class TeacherContextConfig:
     kind: str = "opsd"
     include_solution: bool = True
-    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
     concise_instruction: str = ("Be concise: reach the final answer with as few steps and "
                                 "tokens as possible.")
 
@@ -33,15 +32,6 @@ class TeacherContextConfig:
         if self.kind not in CONTEXT_KINDS:
             raise ValueError(f"teacher.context.kind must be one of {CONTEXT_KINDS}, got "
                              f"{self.kind!r}")
-
-
-def student_message(record: PromptRecord, config: TeacherContextConfig) -> str:
-    return f"{record.problem}\n{config.instruction}".strip()
-
-
-def teacher_message(record: PromptRecord, response_text: str, config: TeacherContextConfig,
-                    verifier: Verifier) -> str:
-    return f"{student_message(record, config)}\n\n{privileged_context(record, response_text, config, verifier)}"
 
 
 def privileged_context(record: PromptRecord, response_text: str, config: TeacherContextConfig,

@@ -17,15 +17,10 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_loop.algorithms.common import OptimConfig, build_optimizer, train_step, wrap_data_parallel
-from nemo_loop.algorithms.contexts import (
-    TeacherContextConfig,
-    Verifier,
-    student_message,
-    teacher_message,
-)
+from nemo_loop.algorithms.contexts import TeacherContextConfig, Verifier, privileged_context
 from nemo_loop.algorithms.pretrain import ParallelConfig
 from nemo_loop.checkpointing import latest_step, load_checkpoint, save_checkpoint
-from nemo_loop.data.chat import ChatTokenizer
+from nemo_loop.data.chat import ChatConfig, ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
 from nemo_loop.data.sequences import build_batch, response_targets
 from nemo_loop.generation.engine import SamplingParams
@@ -36,6 +31,7 @@ from nemo_loop.models.looplm.model import build_loop_model
 from nemo_loop.models.looplm.pipeline import forward_backward_loops, unwrap_model
 from nemo_loop.utils.distributed import initialize_model_parallel
 from nemo_loop.utils.logging import MetricsLogger, WandbConfig
+from nemo_loop.utils.preemption import Preempted, PreemptionHandler
 
 TEACHER_MODES = ("same", "ema", "frozen")
 
@@ -78,7 +74,7 @@ class LLOPSDConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: PromptSetConfig = field(default_factory=PromptSetConfig)
-    tokenizer: str = "tokenizer/ouro-1.4b"
+    prompt: ChatConfig = field(default_factory=ChatConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "runs/llopsd"
 
@@ -101,6 +97,7 @@ class LLOPSDConfig:
         if not 0.0 <= self.teacher.ema_decay < 1.0:
             raise ValueError(f"teacher.ema_decay must be in [0, 1), got {self.teacher.ema_decay}")
         self.teacher.context.validate()
+        self.prompt.validate()
         self.optim.validate()
         self.wandb.validate()
         self.data.validate()
@@ -138,10 +135,10 @@ class LLOPSDState:
 
 def setup(config: LLOPSDConfig, verifier: Verifier) -> LLOPSDState:
     config.validate(torch.distributed.get_world_size())
-    tokenizer = ChatTokenizer(config.tokenizer)
+    tokenizer = ChatTokenizer(config.prompt)
     if tokenizer.vocab_size != config.model.vocab_size:
-        raise ValueError(f"tokenizer {config.tokenizer} has {tokenizer.vocab_size} tokens but "
-                         f"model.vocab_size is {config.model.vocab_size}")
+        raise ValueError(f"tokenizer {tokenizer.tokenizer_file} has {tokenizer.vocab_size} "
+                         f"tokens but model.vocab_size is {config.model.vocab_size}")
     initialize_model_parallel(config.parallel.layout(), seed=config.trainer.seed)
     transformer_config = config.model.transformer_config(config.parallel.tensor_parallel)
     model = build_loop_model(transformer_config)
@@ -193,11 +190,11 @@ def _my_records(state: LLOPSDState) -> list:
 
 def generate_rollouts(state: LLOPSDState, records: list) -> tuple[list, list, list]:
     config, tokenizer = state.config, state.tokenizer
-    prompts = [tokenizer.chat_prompt(student_message(r, config.teacher.context)) for r in records]
+    prompts = [tokenizer.encode_prompt(record.problem) for record in records]
     sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                               top_k=config.rollout.top_k,
                               max_new_tokens=config.rollout.max_new_tokens,
-                              stop_token_ids=(tokenizer.im_end_id,),
+                              stop_token_ids=tokenizer.stop_token_ids,
                               seed=_rollout_seed(config, state.step))
     with torch.no_grad():
         results = state.engine.generate(prompts, config.rollout.student_loops, sampling)
@@ -229,8 +226,8 @@ def llopsd_step(state: LLOPSDState) -> dict:
 
     texts = [state.tokenizer.decode(r) for r in responses]
     verdicts = [state.verifier(text, record.answer) for text, record in zip(texts, records)]
-    teacher_prompts = [state.tokenizer.chat_prompt(
-        teacher_message(record, text, config.teacher.context, state.verifier))
+    teacher_prompts = [state.tokenizer.encode_prompt(
+        record.problem, privileged_context(record, text, config.teacher.context, state.verifier))
         for record, text in zip(records, texts)]
     pad = state.tokenizer.pad_id
     student_batch = build_batch(student_prompts, responses, pad)
@@ -320,12 +317,20 @@ def train(config: LLOPSDConfig, verifier: Verifier) -> list[dict]:
     logger = MetricsLogger(config.wandb, config, Path(config.output_dir), format_step)
     history = []
     interval = config.trainer.save_interval
+    preemption = PreemptionHandler()
     while state.step < config.trainer.max_steps:
         metrics = llopsd_step(state)
         history.append(metrics)
         if state.step % config.trainer.log_interval == 0 or state.step == config.trainer.max_steps:
             logger.log(state.step, metrics)
-        if (interval and state.step % interval == 0) or state.step == config.trainer.max_steps:
+        stop = state.step < config.trainer.max_steps and preemption.stop_requested()
+        if stop or (interval and state.step % interval == 0) or \
+                state.step == config.trainer.max_steps:
             save(state)
+        if stop:
+            logger.close()
+            preemption.close()
+            raise Preempted(state.step)
     logger.close()
+    preemption.close()
     return history

@@ -15,10 +15,14 @@ from nemo_loop.algorithms.common import (
     train_step,
     wrap_data_parallel,
 )
-from nemo_loop.data.modular_sum import ModularSumConfig, sample_batch
+from nemo_loop.data import pointer_chase
+from nemo_loop.data.pointer_chase import PointerChaseConfig, sample_batch
+from nemo_loop.checkpointing import save_model_checkpoint
+from nemo_loop.evaluation.loop_accuracy import accuracy_per_loop
 from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
 from nemo_loop.models.looplm.config import LoopModelConfig
 from nemo_loop.models.looplm.model import build_loop_model
+from nemo_loop.models.looplm.pipeline import unwrap_model
 from nemo_loop.utils.distributed import ParallelLayout, initialize_model_parallel
 from nemo_loop.utils.logging import MetricsLogger, WandbConfig
 
@@ -49,7 +53,8 @@ class PretrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    data: ModularSumConfig = field(default_factory=ModularSumConfig)
+    data: PointerChaseConfig = field(default_factory=PointerChaseConfig)
+    eval_problems: int = 256  # held-out test problems scored at every loop budget
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "runs/pretrain"
 
@@ -58,8 +63,9 @@ class PretrainConfig:
         self.optim.validate()
         self.wandb.validate()
         self.data.validate(self.model.vocab_size)
-        if self.data.sequence_length > self.model.max_sequence_length:
-            raise ValueError(f"data sequences of {self.data.sequence_length} tokens exceed "
+        if pointer_chase.sequence_length(self.data) > self.model.max_sequence_length:
+            raise ValueError(f"data sequences of {pointer_chase.sequence_length(self.data)} "
+                             f"tokens exceed "
                              f"model.max_sequence_length {self.model.max_sequence_length}")
         trainer = self.trainer
         if trainer.max_steps < 1 or trainer.micro_batch_size < 1:
@@ -86,7 +92,7 @@ def setup(config: PretrainConfig):
 
 def my_micro_batches(config: PretrainConfig, step: int) -> list[dict]:
     """This data-parallel rank's micro-batches of the global batch for ``step``."""
-    generator = torch.Generator().manual_seed(config.data.seed * 1_000_003 + step)
+    generator = torch.Generator().manual_seed(config.data.train_seed * 1_000_003 + step)
     batch = sample_batch(config.data, config.trainer.global_batch_size, generator)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -115,11 +121,25 @@ def pretrain(config: PretrainConfig) -> list[dict]:
         history.append(metrics)
         if step % config.trainer.log_interval == 0 or step in (1, config.trainer.max_steps):
             logger.log(step, metrics)
+    test_accuracy = evaluate(config, ddp_model)
+    if test_accuracy is not None:
+        logger.log(config.trainer.max_steps, {"test_accuracy_per_loop": test_accuracy})
+    save_model_checkpoint(unwrap_model(ddp_model), Path(config.output_dir) / "model")
     logger.close()
     return history
 
 
+def evaluate(config: PretrainConfig, model) -> list[float] | None:
+    """Held-out accuracy at loops 1..R (test split, never trained on)."""
+    test = pointer_chase.problems(config.data, config.eval_problems, "test")
+    return accuracy_per_loop(model, [list(p.prompt) for p in test], [p.answer for p in test],
+                             pointer_chase.PAD)
+
+
 def format_step(step: int, metrics: dict) -> str:
+    if "test_accuracy_per_loop" in metrics:
+        return "test accuracy per loop: " + " ".join(
+            f"L{r + 1}={a:.3f}" for r, a in enumerate(metrics["test_accuracy_per_loop"]))
     per_loop = " ".join(f"L{r + 1}={ce:.3f}" for r, ce in enumerate(metrics["ce_per_loop"]))
     exits = " ".join(f"{p:.2f}" for p in metrics["exit_prob_per_loop"])
     return (f"step {step:4d} | loss {metrics['loss']:.4f} | CE per loop {per_loop} | "

@@ -1,50 +1,91 @@
-"""The Ouro tokenizer with its ChatML template.
+"""Prompts in the Ouro tokenizer's ChatML format, and decoding of generations.
 
-The published Ouro configs say bos = eos = pad = 0 (``<|endoftext|>``), but ChatML turns are
-delimited by ``<|im_start|>`` (id 1) and ``<|im_end|>`` (id 2): a chat reply ends at
-``<|im_end|>``, so that is the stop token used for generation, and padding uses id 0.
+The published Ouro tokenizer_config.json says bos = eos = pad = ``<|endoftext|>`` (id 0), but
+its chat template (ChatML) frames every turn with ``<|im_start|>`` (1) … ``<|im_end|>`` (2), and a
+chat model ends its answer with ``<|im_end|>``. So generation stops at ``<|im_end|>`` as well as at
+``<|endoftext|>``, and padding uses ``<|endoftext|>``; all ids are looked up in the tokenizer,
+never hard-coded.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from dataclasses import dataclass
 
-from nemo_loop.data.prompts import default_data_root
+from nemo_loop.data.prompts import data_path
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
+IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+TEMPLATES = ("chatml", "plain")
+DEFAULT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class ChatConfig:
+    # Directory holding tokenizer.json, or the file itself; relative paths are under the data root.
+    tokenizer_path: str = "tokenizer/ouro-1.4b"
+    # The Ouro chat template inserts this system turn when none is given; null drops the turn.
+    system_prompt: str | None = "You are a helpful assistant."
+    # Appended to every problem on its own line: the one place the answer instruction lives.
+    instruction_suffix: str = DEFAULT_SUFFIX
+    # "chatml": Ouro's chat format; "plain": the user message as raw text (base models).
+    template: str = "chatml"
+
+    def validate(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"prompt.template must be one of {TEMPLATES}, got "
+                             f"{self.template!r}")
 
 
 class ChatTokenizer:
-    def __init__(self, tokenizer_dir: str | Path):
+    """Problem text → prompt token ids, generated ids → text, and the ids that end an answer."""
+
+    def __init__(self, config: ChatConfig, data_root: str | os.PathLike | None = None):
         from tokenizers import Tokenizer
 
-        path = Path(tokenizer_dir)
-        if not path.is_absolute() and not path.exists():
-            path = default_data_root() / path
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {path}")
-        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        self.im_start_id = self._special("<|im_start|>")
-        self.im_end_id = self._special("<|im_end|>")
-        self.pad_id = self._special("<|endoftext|>")
-        self.vocab_size = self.tokenizer.get_vocab_size()
+        path = data_path(config.tokenizer_path, data_root)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist (set "
+                                    f"prompt.tokenizer_path)")
+        self.config = config
+        self.tokenizer_file = path
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.im_start_id = self._special_id(IM_START)
+        self.im_end_id = self._special_id(IM_END)
+        self.pad_id = self._special_id(END_OF_TEXT)
 
-    def _special(self, token: str) -> int:
+    def _special_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"tokenizer has no {token} token; it is not a ChatML tokenizer")
+            raise ValueError(f"tokenizer {self.tokenizer_file} has no {token} token; ChatML "
+                             f"prompts need it")
         return token_id
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return sorted({self.im_end_id, self.pad_id})
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def user_message(self, problem: str, context: str | None = None) -> str:
+        """Problem and instruction suffix, then ``context`` (LLOPSD's privileged teacher context)
+        after a blank line: the student's and the teacher's messages differ only by it."""
+        suffix = self.config.instruction_suffix
+        message = f"{problem}\n{suffix}".strip() if suffix else problem.strip()
+        return f"{message}\n\n{context}" if context else message
 
-    def chat_prompt(self, user: str, system: str = DEFAULT_SYSTEM) -> list[int]:
-        """``<|im_start|>system…<|im_end|>\\n<|im_start|>user…<|im_end|>\\n<|im_start|>assistant\\n``"""
-        ids = []
-        for role, content in (("system", system), ("user", user)):
-            ids += [self.im_start_id] + self.encode(f"{role}\n{content}") + [self.im_end_id]
-            ids += self.encode("\n")
-        return ids + [self.im_start_id] + self.encode("assistant\n")
+    def prompt_text(self, problem: str, context: str | None = None) -> str:
+        """As the tokenizer's ``chat_template`` renders it with ``add_generation_prompt``."""
+        user = self.user_message(problem, context)
+        if self.config.template == "plain":
+            return user + "\n"
+        system = "" if self.config.system_prompt is None else \
+            f"{IM_START}system\n{self.config.system_prompt}{IM_END}\n"
+        return f"{system}{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+
+    def encode_prompt(self, problem: str, context: str | None = None) -> list[int]:
+        return self.tokenizer.encode(self.prompt_text(problem, context),
+                                     add_special_tokens=False).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)

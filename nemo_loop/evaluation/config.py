@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from nemo_loop.data.chat import ChatConfig
 from nemo_loop.evaluation.benchmarks import BenchmarkSpec, get_spec
 from nemo_loop.evaluation.metrics import PASS_AT_K_CANDIDATES
-from nemo_loop.evaluation.prompts import PromptConfig
 from nemo_loop.models.looplm.config import LoopModelConfig
 from nemo_loop.utils.logging import WandbConfig
 
@@ -36,14 +36,14 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["math500"])
     # A user file with its own field names; evaluated in addition to ``benchmarks`` when
     # custom.path is set.
-    custom: BenchmarkSpec = field(default_factory=lambda: BenchmarkSpec(path=""))
+    custom: BenchmarkSpec = field(default_factory=BenchmarkSpec)
     data_root: str | None = None  # default: $NEMO_LOOP_DATA, else ../shared/data
     limit: int | None = None  # first N problems of every benchmark (None: all)
     loop_budgets: list[int] = field(default_factory=list)  # empty: 1..R
     n_samples: int = 4
     pass_at_k: list[int] = field(default_factory=lambda: list(PASS_AT_K_CANDIDATES))
     sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    prompt: ChatConfig = field(default_factory=ChatConfig)
     generation_batch_size: int = 64  # sequences per engine call
     entropy_batch_size: int = 16  # sequences per entropy forward
     verify_timeout_s: int = 5
@@ -59,10 +59,10 @@ class EvalConfig:
         for name in self.benchmarks:
             get_spec(name)
         if self.custom.path:
-            self.custom.validate()
             if self.custom.name in self.benchmarks:
                 raise ValueError(f"custom.name {self.custom.name!r} clashes with a benchmark in "
                                  f"benchmarks")
+            self.custom.validate(self.data_root)
         if not self.benchmarks and not self.custom.path:
             raise ValueError("nothing to evaluate: benchmarks is empty and custom.path is unset")
         bad_budgets = [r for r in self.loop_budgets if not 1 <= r <= self.model.num_loops]
@@ -87,5 +87,7 @@ class EvalConfig:
         return sorted(self.loop_budgets) or list(range(1, self.model.num_loops + 1))
 
     def benchmark_specs(self) -> list[BenchmarkSpec]:
+        """The registered benchmarks, then the custom file; ``limit`` applies to all of them."""
         specs = [get_spec(name) for name in self.benchmarks]
-        return specs + ([self.custom] if self.custom.path else [])
+        specs += [self.custom] if self.custom.path else []
+        return specs if self.limit is None else [replace(s, limit=self.limit) for s in specs]

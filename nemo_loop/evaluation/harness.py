@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nemo_loop.data.chat import ChatTokenizer
+from nemo_loop.data.prompts import PromptRecord, load_prompt_set
 from nemo_loop.evaluation.answers import check_response
-from nemo_loop.evaluation.benchmarks import Problem, load_benchmark, resolve_data_root
 from nemo_loop.evaluation.config import EvalConfig
 from nemo_loop.evaluation.metrics import avg_at_n, mean_pass_at_k, usable_ks
-from nemo_loop.evaluation.prompts import ChatPrompter
 from nemo_loop.generation.engine import GenerationResult, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ def _batch_entropies(model, prompts, continuations, num_loops: int) -> torch.Ten
 
 # ----- one benchmark at one budget -----
 
-def evaluate_budget(name: str, problems: list[Problem], prompts: list[list[int]], *, model,
-                    engine, prompter: ChatPrompter, config: EvalConfig,
+def evaluate_budget(name: str, problems: list[PromptRecord], prompts: list[list[int]], *, model,
+                    engine, prompter: ChatTokenizer, config: EvalConfig,
                     num_loops: int) -> tuple[dict, list[SampleRecord]]:
     sampling = SamplingParams(
         temperature=config.sampling.temperature, top_p=config.sampling.top_p,
@@ -188,8 +188,9 @@ def add_speedups(budget_results: dict[int, dict], full_loops: int) -> None:
 
 # ----- the whole run -----
 
-def prompts_that_fit(problems: list[Problem], prompter: ChatPrompter,
-                     max_sequence_length: int) -> tuple[list[Problem], list[list[int]], list[str]]:
+def prompts_that_fit(problems: list[PromptRecord], prompter: ChatTokenizer,
+                     max_sequence_length: int
+                     ) -> tuple[list[PromptRecord], list[list[int]], list[str]]:
     """Encoded prompts; a problem whose prompt leaves no room for generation is skipped (a long
     prompt that does fit generates until max_sequence_length)."""
     kept, prompts, skipped = [], [], []
@@ -203,16 +204,15 @@ def prompts_that_fit(problems: list[Problem], prompter: ChatPrompter,
     return kept, prompts, skipped
 
 
-def run_evaluation(config: EvalConfig, model, prompter: ChatPrompter,
+def run_evaluation(config: EvalConfig, model, prompter: ChatTokenizer,
                    on_budget=None) -> tuple[dict, list[SampleRecord]]:
     """Every benchmark at every loop budget. ``on_budget(name, metrics)`` sees each result."""
     from nemo_loop.generation.native import NativeLoopEngine
 
     engine = NativeLoopEngine(model, max_batch_size=config.generation_batch_size)
-    data_root = resolve_data_root(config.data_root)
     summary, all_records = {}, []
     for spec in config.benchmark_specs():
-        problems = load_benchmark(spec, data_root, config.limit)
+        problems = load_prompt_set(spec, config.data_root)
         kept, prompts, skipped = prompts_that_fit(
             problems, prompter, model.config.max_sequence_length)
         if skipped:
@@ -263,7 +263,7 @@ def evaluate(config: EvalConfig) -> dict:
                  source)
         config.validate()
     initialize_model_parallel(ParallelLayout(config.tensor_parallel), seed=config.sampling.seed)
-    prompter = ChatPrompter(config.prompt, resolve_data_root(config.data_root))
+    prompter = ChatTokenizer(config.prompt, config.data_root)
     if prompter.vocab_size > config.model.vocab_size:
         raise ValueError(f"tokenizer {prompter.tokenizer_file} has {prompter.vocab_size} ids but "
                          f"model.vocab_size is {config.model.vocab_size}")

@@ -75,6 +75,7 @@ def test_left_padding_does_not_change_response_logits(megatron_single_process):
     ("parallel.pipeline_parallel=2", "pipeline_parallel"),
     ("data.path=/nonexistent.jsonl", "prompt set not found"),
     ("data.answer_format=xml", "answer_format"),
+    ("prompt.template=html", "prompt.template"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, override, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):

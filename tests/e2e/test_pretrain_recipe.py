@@ -12,11 +12,17 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_pretrain_recipe_runs_and_learns(tmp_path):
     run = subprocess.run(
         [sys.executable, "recipes/pretrain_looplm.py", "trainer.max_steps=12",
-         "trainer.log_interval=4", f"output_dir={tmp_path}"],
+         "trainer.log_interval=4", "optim.warmup_steps=0", "eval_problems=64",
+         f"output_dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "CE per loop L1=" in run.stdout and "L4=" in run.stdout
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    *records, final = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [1, 4, 8, 12]
+    accuracy = final["test_accuracy_per_loop"]
+    assert len(accuracy) == 4 and all(0.0 <= a <= 1.0 for a in accuracy)
+    assert "test accuracy per loop: L1=" in run.stdout
+    assert (tmp_path / "model" / "metadata.json").is_file()
     assert all(len(r["ce_per_loop"]) == 4 for r in records)
     assert records[-1]["loss"] < records[0]["loss"] - 0.5

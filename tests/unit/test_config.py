@@ -23,7 +23,8 @@ def test_model_swap_and_dotlist_overrides():
     (["model.layer_spec=postnorm"], "unknown layer_spec"),
     (["model.num_loops=0"], "num_loops"),
     (["optim.decay_style=step"], "decay_style"),
-    (["data.modulus=100"], "vocab"),
+    (["data.hops=20"], "variables"),
+    (["model.vocab_size=32"], "vocab"),
     (["trainer.max_steps"], "key=value"),
 ])
 def test_bad_configs_name_the_problem(override, message):

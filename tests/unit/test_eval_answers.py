@@ -1,6 +1,7 @@
 """Answer extraction and verification on real benchmark records; benchmark loading errors."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,19 +12,15 @@ from nemo_loop.evaluation.answers import (
     extract_answer,
     last_boxed,
 )
-from nemo_loop.evaluation.benchmarks import (
-    BENCHMARKS,
-    BenchmarkDataError,
-    BenchmarkSpec,
-    load_benchmark,
-)
+from nemo_loop.data.prompts import PromptSetError, load_prompt_set
+from nemo_loop.evaluation.benchmarks import BENCHMARKS, BenchmarkSpec
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
 
 
 def _by_id(benchmark: str, problem_id: str):
-    problems = {p.id: p for p in load_benchmark(BENCHMARKS[benchmark], DATA)}
+    problems = {p.id: p for p in load_prompt_set(BENCHMARKS[benchmark], DATA)}
     return problems[problem_id]
 
 
@@ -109,43 +106,45 @@ def test_failures_are_incorrect_not_crashes():
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_every_registered_benchmark_loads(name):
-    problems = load_benchmark(BENCHMARKS[name], DATA, limit=5)
+    problems = load_prompt_set(replace(BENCHMARKS[name], limit=5), DATA)
     assert len(problems) == 5 and all(p.problem and p.answer for p in problems)
 
 
 def test_answers_from_solution_box_and_hash_marks():
-    gsm8k = load_benchmark(BENCHMARKS["gsm8k"], DATA, limit=1)[0]
+    gsm8k = load_prompt_set(replace(BENCHMARKS["gsm8k"], limit=1), DATA)[0]
     assert gsm8k.answer == "18"
-    full = {p.id: p for p in load_benchmark(BENCHMARKS["math_test_full"], DATA, limit=10)}
+    full = {p.id: p for p in load_prompt_set(replace(BENCHMARKS["math_test_full"], limit=10),
+                                             DATA)}
     assert full["2"].answer == r"\dfrac{9}{7}"
 
 
 def test_full_math500_and_small_sets_have_expected_sizes():
-    assert len(load_benchmark(BENCHMARKS["math500"], DATA)) == 500
-    assert len(load_benchmark(BENCHMARKS["aime24"], DATA)) == 30
-    assert len(load_benchmark(BENCHMARKS["amc23"], DATA)) == 40
+    assert len(load_prompt_set(BENCHMARKS["math500"], DATA)) == 500
+    assert len(load_prompt_set(BENCHMARKS["aime24"], DATA)) == 30
+    assert len(load_prompt_set(BENCHMARKS["amc23"], DATA)) == 40
 
 
 def test_custom_file_with_field_mapping(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps([{"q": "1+1?", "sol": r"It is \boxed{2}."}]))
-    spec = BenchmarkSpec("mine", str(path), "q", "sol", "boxed")
-    [problem] = load_benchmark(spec)
+    spec = BenchmarkSpec(name="mine", path=str(path), problem_field="q", answer_field="sol",
+                         answer_format="last_boxed")
+    [problem] = load_prompt_set(spec)
     assert problem.answer == "2" and problem.problem == "1+1?"
 
 
 def test_malformed_record_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": \n')
-    with pytest.raises(BenchmarkDataError, match=r"bad\.jsonl:2: malformed JSON"):
-        load_benchmark(BenchmarkSpec("bad", str(path)))
+    with pytest.raises(PromptSetError, match=r"bad\.jsonl:2: malformed JSON"):
+        load_prompt_set(BenchmarkSpec(name="bad", path=str(path)))
 
 
 def test_missing_field_names_field_file_and_line(tmp_path):
     path = tmp_path / "missing.jsonl"
     path.write_text('{"problem": "a", "answer": "1"}\n{"problem": "b", "solution": "2"}\n')
-    with pytest.raises(BenchmarkDataError, match=r"missing\.jsonl:2: missing field 'answer'"):
-        load_benchmark(BenchmarkSpec("missing", str(path)))
+    with pytest.raises(PromptSetError, match=r"missing\.jsonl:2: missing field 'answer'"):
+        load_prompt_set(BenchmarkSpec(name="missing", path=str(path)))
 
 
 def test_verification_timeout_is_an_incorrect_sample_with_an_error(monkeypatch):

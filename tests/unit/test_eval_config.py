@@ -13,14 +13,22 @@ def test_default_eval_config_loads_with_all_loop_budgets():
     assert [spec.name for spec in config.benchmark_specs()] == ["math500"]
 
 
-def test_custom_benchmark_and_overrides():
+def test_custom_benchmark_and_overrides(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"q": "1+1?", "answer": "#### 2"}\n')
     config = load_config(EvalConfig, CONF_DIR / "eval.yaml", [
-        "benchmarks=[aime24,amc23]", "custom.path=/tmp/x.jsonl", "custom.name=mine",
+        "benchmarks=[aime24,amc23]", "custom.path=x.jsonl", "custom.name=mine",
+        f"data_root={tmp_path}", "limit=3",
         "custom.problem_field=q", "custom.answer_format=after_hashes", "loop_budgets=[4,1]",
         "prompt.instruction_suffix=Show your work."])
     assert [s.name for s in config.benchmark_specs()] == ["aime24", "amc23", "mine"]
     assert config.benchmark_specs()[-1].problem_field == "q"
+    assert all(s.limit == 3 for s in config.benchmark_specs())
     assert config.budgets() == [1, 4]
+
+
+def test_missing_custom_file_is_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_config(EvalConfig, CONF_DIR / "eval.yaml", [f"custom.path={tmp_path}/missing.jsonl"])
 
 
 @pytest.mark.parametrize("override,message", [
@@ -31,6 +39,7 @@ def test_custom_benchmark_and_overrides():
     ("custom.name=math500", "clashes"),
     ("sampling.top_p=0", "top_p"),
     ("custom.answer_format=weird", None),
+    ("prompt.template=html", "prompt.template"),
 ])
 def test_invalid_configs_are_rejected(override, message):
     overrides = [override]

@@ -1,0 +1,49 @@
+"""Accuracy at every loop budget for single-token answers (the pointer-chasing task).
+
+With a one-token answer, greedy generation at R̃ loops emits argmax of loop R̃'s logits at the
+last prompt position, so one forward with the loop-dimension head scores every budget at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_loop.data.sequences import build_batch
+from nemo_loop.models.looplm.pipeline import forward_backward_loops
+
+
+@torch.no_grad()
+def accuracy_per_loop(model, prompts: list[list[int]], answers: list[int], pad_id: int,
+                      batch_size: int = 128) -> list[float] | None:
+    """Fraction of correct greedy answers at loops 1..R (None on non-last pipeline stages)."""
+    correct = None
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        batch = build_batch(chunk, [[] for _ in chunk], pad_id)
+        outputs = forward_backward_loops(model, [batch.as_micro_batch(slice(None))], None,
+                                         forward_only=True)
+        if not outputs:
+            return None
+        logits = outputs[0].logits[:, batch.prompt_length - 1]  # [R, b, V/TP]
+        predictions = _global_argmax(logits)
+        hits = (predictions == torch.tensor(answers[start:start + batch_size])).sum(-1)
+        correct = hits if correct is None else correct + hits
+    return (correct.double() / len(prompts)).tolist()
+
+
+def _global_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax over a vocabulary sharded across tensor-parallel ranks."""
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    values, indices = logits.float().max(-1)
+    if size == 1:
+        return indices
+    indices = indices + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    group = parallel_state.get_tensor_model_parallel_group()
+    all_values = [torch.empty_like(values) for _ in range(size)]
+    all_indices = [torch.empty_like(indices) for _ in range(size)]
+    torch.distributed.all_gather(all_values, values.contiguous(), group=group)
+    torch.distributed.all_gather(all_indices, indices.contiguous(), group=group)
+    best = torch.stack(all_values).argmax(0)
+    return torch.stack(all_indices).gather(0, best[None])[0]
