@@ -58,6 +58,7 @@ def save_checkpoint(root: str | Path, step: int, ddp_model, optimizer, scheduler
     torch.distributed.barrier()
     dist_checkpointing.save(_sharded_state(ddp_model, optimizer, extra_modules, for_load=False),
                             str(staging))
+    _save_rng_states(staging)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (staging / "trainer_state.json").write_text(json.dumps(
@@ -69,6 +70,34 @@ def save_checkpoint(root: str | Path, step: int, ddp_model, optimizer, scheduler
         os.replace(marker, root / LATEST)
     torch.distributed.barrier()
     return final
+
+
+def _rng_file(directory: Path) -> Path:
+    return directory / "rng" / f"rank{torch.distributed.get_rank():05d}.pt"
+
+
+def _save_rng_states(directory: Path) -> None:
+    """Per rank: the CPU generator and megatron's model-parallel tracker (dropout streams)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    path = _rng_file(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, path)
+
+
+def _load_rng_states(directory: Path) -> None:
+    """Each rank restores the streams saved under its rank, if the checkpoint has them."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    path = _rng_file(directory)
+    if not path.is_file():
+        return
+    states = torch.load(path, weights_only=False)
+    torch.set_rng_state(states["cpu"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def latest_step(root: str | Path) -> int | None:
@@ -116,6 +145,7 @@ def load_checkpoint(root: str | Path, ddp_model, optimizer, scheduler,
         with _tolerate_missing_step(optimizer):
             optimizer.load_state_dict(state["optimizer"])
     _restore_per_parameter_steps(optimizer)
+    _load_rng_states(path)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(trainer_state["scheduler"])
     return trainer_state

@@ -77,3 +77,16 @@ def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
 
 def to_dict(config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(config))
+
+
+def config_from_command_line(schema: type[T], default_yaml: str, description: str,
+                             argv: list[str] | None = None) -> T:
+    """``[--config FILE] [key=value ...]`` as every recipe takes them → a validated config."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(CONF_DIR / default_yaml))
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    return load_config(schema, args.config, args.overrides)

@@ -9,14 +9,13 @@ Writes results.json, samples.jsonl, results.md and PNG plots to ``output_dir``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nemo_loop.config import CONF_DIR, load_config  # noqa: E402
+from nemo_loop.config import config_from_command_line  # noqa: E402
 from nemo_loop.evaluation.config import EvalConfig  # noqa: E402
 from nemo_loop.evaluation.harness import evaluate  # noqa: E402
 from nemo_loop.evaluation.report import TABLE_MD  # noqa: E402
@@ -24,13 +23,8 @@ from nemo_loop.utils.distributed import init_distributed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(CONF_DIR / "eval.yaml"))
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = load_config(EvalConfig, args.config, args.overrides)
+    config = config_from_command_line(EvalConfig, "eval.yaml", __doc__, argv)
     init_distributed()
     evaluate(config)
     table = Path(config.output_dir) / TABLE_MD

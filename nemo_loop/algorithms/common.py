@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,14 +76,18 @@ def train_step(ddp_model, optimizer, scheduler, micro_batches: Sequence[dict],
     the micro-batches and the data-parallel group (on the last pipeline stage; empty elsewhere)
     plus the grad norm and learning rate.
     """
+    started = time.perf_counter()
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     metrics = forward_backward_loops(ddp_model, micro_batches, loss_func, num_loops=num_loops)
     finalize_model_grads([ddp_model])
+    backward_done = time.perf_counter()
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)
     summary = average_metrics(metrics)
+    summary["time_forward_backward_s"] = backward_done - started
+    summary["time_optimizer_s"] = time.perf_counter() - backward_done
     summary["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     summary["lr"] = optimizer.param_groups[0]["lr"]
     summary["update_skipped"] = not update_ok

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
+from tqdm import tqdm
 
 from nemo_loop.algorithms.common import OptimConfig, build_optimizer, train_step, wrap_data_parallel
 from nemo_loop.algorithms.contexts import TeacherContextConfig, Verifier, privileged_context
@@ -30,7 +31,7 @@ from nemo_loop.models.looplm.config import LoopModelConfig
 from nemo_loop.models.looplm.model import build_loop_model
 from nemo_loop.models.looplm.pipeline import forward_backward_loops, unwrap_model
 from nemo_loop.utils.distributed import initialize_model_parallel
-from nemo_loop.utils.logging import MetricsLogger, WandbConfig
+from nemo_loop.utils.logging import MetricsLogger, WandbConfig, is_logging_rank
 from nemo_loop.utils.preemption import Preempted, PreemptionHandler
 
 TEACHER_MODES = ("same", "ema", "frozen")
@@ -261,11 +262,11 @@ def llopsd_step(state: LLOPSDState) -> dict:
         metrics["loss"] = loss.detach()
         return loss / len(student_micro_batches), metrics
 
-    phase = time.perf_counter()
     metrics = train_step(state.ddp_model, state.optimizer, state.scheduler,
                          student_micro_batches, loss_func,
                          num_loops=config.rollout.student_loops)
-    timings["time_student_and_optimizer_s"] = time.perf_counter() - phase
+    timings["time_student_s"] = metrics.pop("time_forward_backward_s")
+    timings["time_optimizer_s"] = metrics.pop("time_optimizer_s")
 
     phase = time.perf_counter()
     if config.teacher.mode == "ema":
@@ -283,7 +284,7 @@ def llopsd_step(state: LLOPSDState) -> dict:
         rollout_accuracy=_dp_mean(sum(correct for _, correct in verdicts) / len(verdicts)),
         generation_tokens_per_s=sum(lengths) / max(timings["time_generate_s"], 1e-9),
         training_tokens_per_s=float(loss_mask.sum()) / max(
-            timings["time_teacher_s"] + timings["time_student_and_optimizer_s"], 1e-9),
+            timings["time_teacher_s"] + timings["time_student_s"], 1e-9),
         refit_s=getattr(refit, "seconds", float("nan")),
     )
     return metrics
@@ -318,9 +319,13 @@ def train(config: LLOPSDConfig, verifier: Verifier) -> list[dict]:
     history = []
     interval = config.trainer.save_interval
     preemption = PreemptionHandler()
+    progress = tqdm(total=config.trainer.max_steps, initial=state.step, desc="llopsd",
+                    unit="step", disable=not is_logging_rank(), leave=False)
     while state.step < config.trainer.max_steps:
         metrics = llopsd_step(state)
         history.append(metrics)
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         if state.step % config.trainer.log_interval == 0 or state.step == config.trainer.max_steps:
             logger.log(state.step, metrics)
         stop = state.step < config.trainer.max_steps and preemption.stop_requested()
@@ -331,6 +336,7 @@ def train(config: LLOPSDConfig, verifier: Verifier) -> list[dict]:
             logger.close()
             preemption.close()
             raise Preempted(state.step)
+    progress.close()
     logger.close()
     preemption.close()
     return history

@@ -154,3 +154,9 @@ def _signal_timeout(timeout_s: int) -> int | None:
 
 def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
+
+
+def math_verifier(response_text: str, gold) -> tuple[str | None, bool]:
+    """The (extracted answer, is it correct) pair LLOPSD's contexts and metrics use."""
+    verdict = check_response(response_text, gold)
+    return verdict.extracted, verdict.correct

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,16 @@ class WandbConfig:
     enabled: bool = False
     project: str = "nemo-loop"
     name: str | None = None
-    mode: str = "offline"  # offline | online
+    mode: str = "auto"  # auto (online when WANDB_API_KEY is set, else offline) | offline | online
 
     def validate(self) -> None:
-        if self.mode not in ("offline", "online"):
-            raise ValueError(f"wandb.mode must be offline or online, got {self.mode!r}")
+        if self.mode not in ("auto", "offline", "online"):
+            raise ValueError(f"wandb.mode must be auto, offline or online, got {self.mode!r}")
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def is_logging_rank() -> bool:
@@ -47,7 +53,7 @@ class MetricsLogger:
             from nemo_loop.config import to_dict
 
             self.run = wandb.init(project=wandb_config.project, name=wandb_config.name,
-                                  mode=wandb_config.mode, dir=str(output_dir),
+                                  mode=wandb_config.resolved_mode(), dir=str(output_dir),
                                   config=to_dict(run_config))
 
     def log(self, step: int, metrics: dict) -> None:

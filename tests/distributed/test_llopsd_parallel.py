@@ -7,14 +7,11 @@ import math
 import pytest
 import torch
 
+from nemo_loop.evaluation.answers import math_verifier
+
 pytestmark = [pytest.mark.slow]
 
 
-def _verifier(text, gold):
-    from nemo_loop.evaluation.answers import check_response
-
-    verdict = check_response(text, gold)
-    return verdict.extracted, verdict.correct
 
 
 def _shared_tmp() -> str:
@@ -39,7 +36,7 @@ def _run(tensor_parallel, mode, context):
     from nemo_loop.algorithms.llopsd import train
 
     history = train(_config(_shared_tmp(), tensor_parallel, f"teacher.mode={mode}",
-                            f"teacher.context.kind={context}"), _verifier)
+                            f"teacher.context.kind={context}"), math_verifier)
     assert len(history) == 2
     for metrics in history:
         assert math.isfinite(metrics["loss"]) and metrics["loss"] >= 0
@@ -78,12 +75,12 @@ def check_checkpoint_saved_at_tp2_loads_at_tp1():
     from nemo_loop.models.looplm.state_dict import gather_full_state_dict
 
     root = _shared_tmp()
-    train(_config(root, 2, "teacher.mode=ema"), _verifier)
-    saved = setup(_config(root, 2, "teacher.mode=ema"), _verifier)  # resumes at TP=2
+    train(_config(root, 2, "teacher.mode=ema"), math_verifier)
+    saved = setup(_config(root, 2, "teacher.mode=ema"), math_verifier)  # resumes at TP=2
     expected = gather_full_state_dict(saved.ddp_model)
     expected_teacher = gather_full_state_dict(saved.teacher_model)
     parallel_state.destroy_model_parallel()
-    resumed = setup(_config(root, 1, "teacher.mode=ema"), _verifier)
+    resumed = setup(_config(root, 1, "teacher.mode=ema"), math_verifier)
     assert resumed.step == 2 and parallel_state.get_tensor_model_parallel_world_size() == 1
     got = gather_full_state_dict(resumed.ddp_model)
     got_teacher = gather_full_state_dict(resumed.teacher_model)

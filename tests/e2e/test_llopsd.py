@@ -5,13 +5,7 @@ import torch
 
 from nemo_loop.algorithms.llopsd import LLOPSDConfig, train
 from nemo_loop.config import CONF_DIR, load_config
-
-
-def _verifier(text, gold):
-    from nemo_loop.evaluation.answers import check_response
-
-    verdict = check_response(text, gold)
-    return verdict.extracted, verdict.correct
+from nemo_loop.evaluation.answers import math_verifier
 
 
 def _config(tmp_path, *overrides):
@@ -23,9 +17,9 @@ def _config(tmp_path, *overrides):
 @pytest.mark.resume
 def test_resumed_run_repeats_the_uninterrupted_losses(megatron_single_process, tmp_path):
     common = ["teacher.mode=ema", "teacher.context.kind=sdpo", "trainer.save_interval=2"]
-    straight = train(_config(tmp_path / "straight", "trainer.max_steps=4", *common), _verifier)
-    first = train(_config(tmp_path / "resumed", "trainer.max_steps=2", *common), _verifier)
-    second = train(_config(tmp_path / "resumed", "trainer.max_steps=4", *common), _verifier)
+    straight = train(_config(tmp_path / "straight", "trainer.max_steps=4", *common), math_verifier)
+    first = train(_config(tmp_path / "resumed", "trainer.max_steps=2", *common), math_verifier)
+    second = train(_config(tmp_path / "resumed", "trainer.max_steps=4", *common), math_verifier)
     assert len(first) == 2 and len(second) == 2  # the second run started at step 2
     losses = [m["loss"] for m in straight]
     assert losses == [m["loss"] for m in first + second]
@@ -35,7 +29,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(megatron_single_process, t
 def test_overfitting_pulls_student_loops_onto_the_teacher(megatron_single_process, tmp_path):
     history = train(_config(tmp_path, "trainer.max_steps=40", "data.limit=2",
                             "teacher.mode=frozen", "optim.lr=1e-2", "optim.min_lr=1e-2",
-                            "optim.decay_style=constant", "trainer.resume=false"), _verifier)
+                            "optim.decay_style=constant", "trainer.resume=false"), math_verifier)
     start = torch.tensor(history[0]["divergence_per_loop"])
     end = torch.tensor(history[-1]["divergence_per_loop"])
     assert (end < start / 5).all(), (start, end)
@@ -85,7 +79,7 @@ def test_bad_configs_name_the_problem(tmp_path, override, message):
 def test_tokenizer_must_match_the_vocab(megatron_single_process, tmp_path):
     config = _config(tmp_path, "model.vocab_size=64")
     with pytest.raises(ValueError, match="vocab_size"):
-        train(config, _verifier)
+        train(config, math_verifier)
 
 
 def test_batch_sizes_must_divide(tmp_path):

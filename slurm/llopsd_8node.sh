@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=llopsd-8node
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=04:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --error=%x-%j.err
+#SBATCH --open-mode=append
+#SBATCH --signal=USR1@600
+#SBATCH --requeue
+#
+# LLOPSD on 8 nodes × 8 GPUs (64 ranks). Submit from the repository root; arguments are config
+# overrides for recipes/llopsd.py:
+#
+#   sbatch slurm/llopsd_8node.sh --config conf/cluster/ouro_1p4b_64gpu.yaml trainer.max_steps=500
+#   sbatch slurm/llopsd_8node.sh model=ouro_1p4b parallel.tensor_parallel=2 output_dir=runs/x
+#
+# Logs: <job-name>-<job-id>.out/.err in the submit directory (appended across requeues).
+# Pre-timeout: 600 s before the time limit Slurm sends SIGUSR1 to every task (not the batch
+# shell); training saves a checkpoint after the current step and exits with code 85, and this
+# script requeues the job, which resumes from that checkpoint (trainer.resume=true, the default).
+# Environment knobs (CONTAINER_IMAGE=none, CONTAINER_MOUNTS, PYTHON, ...): slurm/common.sh.
+set -euo pipefail
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [[ ! -f $REPO_DIR/recipes/llopsd.py ]]; then
+    echo "submit from the nemo-loop repository root or set REPO_DIR (got $REPO_DIR)" >&2
+    exit 2
+fi
+# shellcheck source=slurm/common.sh
+source "$REPO_DIR/slurm/common.sh"
+launch_requeueable "$PYTHON" recipes/llopsd.py "$@"
