@@ -34,17 +34,18 @@ class TeacherContextConfig:
                              f"{self.kind!r}")
 
 
-def privileged_context(record: PromptRecord, response_text: str, config: TeacherContextConfig,
-                       verifier: Verifier) -> str:
+def privileged_context(record: PromptRecord, verdict: tuple[str | None, bool],
+                       config: TeacherContextConfig) -> str:
+    """``verdict`` is the verifier's (extracted answer, correct) on the student's rollout."""
     if config.kind == "opsd":
         context = f"(For reference, the correct final answer is {record.answer}.)"
         if config.include_solution and record.solution:
             context += f"\nReference solution:\n{record.solution}"
         return context
     if config.kind == "sdpo":
-        extracted, correct = verifier(response_text, record.answer)
+        extracted, correct = verdict
         if extracted is None:
             return "(Feedback on an earlier attempt: it did not state a final answer.)"
-        verdict = "correct" if correct else "incorrect"
-        return f"(Feedback on an earlier attempt: its final answer {extracted} is {verdict}.)"
+        judgement = "correct" if correct else "incorrect"
+        return f"(Feedback on an earlier attempt: its final answer {extracted} is {judgement}.)"
     return f"({config.concise_instruction})"

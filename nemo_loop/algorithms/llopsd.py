@@ -20,7 +20,12 @@ from tqdm import tqdm
 from nemo_loop.algorithms.common import OptimConfig, build_optimizer, train_step, wrap_data_parallel
 from nemo_loop.algorithms.contexts import TeacherContextConfig, Verifier, privileged_context
 from nemo_loop.algorithms.pretrain import ParallelConfig
-from nemo_loop.checkpointing import latest_step, load_checkpoint, save_checkpoint
+from nemo_loop.checkpointing import (
+    latest_step,
+    load_checkpoint,
+    load_model_checkpoint,
+    save_checkpoint,
+)
 from nemo_loop.data.chat import ChatConfig, ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
 from nemo_loop.data.sequences import build_batch, response_targets
@@ -63,6 +68,9 @@ class LLOPSDTrainerConfig:
     save_interval: int = 0  # 0: only at the end
     checkpoint_dir: str | None = None  # default: <output_dir>/checkpoints
     resume: bool = True
+    # Initial weights: a dist_checkpointing directory with a "model" entry (e.g. the `model/`
+    # folder of recipes/convert_ouro.py import or of the pretrain recipe), any TP layout.
+    init_from: str | None = None
 
 
 @dataclass
@@ -102,6 +110,10 @@ class LLOPSDConfig:
         self.optim.validate()
         self.wandb.validate()
         self.data.validate()
+        init_from = self.trainer.init_from
+        if init_from and not (Path(init_from) / "metadata.json").is_file():
+            raise FileNotFoundError(f"trainer.init_from={init_from} is not a dist_checkpointing "
+                                    f"directory (no metadata.json)")
         SamplingParams(temperature=self.rollout.temperature, top_p=self.rollout.top_p,
                        top_k=self.rollout.top_k, max_new_tokens=self.rollout.max_new_tokens)
         trainer = self.trainer
@@ -143,6 +155,9 @@ def setup(config: LLOPSDConfig, verifier: Verifier) -> LLOPSDState:
     initialize_model_parallel(config.parallel.layout(), seed=config.trainer.seed)
     transformer_config = config.model.transformer_config(config.parallel.tensor_parallel)
     model = build_loop_model(transformer_config)
+    if config.trainer.init_from:
+        # Before DDP and the optimizer, which copy the weights into their buffers/master params.
+        load_model_checkpoint(model, config.trainer.init_from)
     ddp_model = wrap_data_parallel(model, config.optim.use_distributed_optimizer)
     optimizer, scheduler = build_optimizer(ddp_model, config.optim)
     teacher_model = None
@@ -228,12 +243,12 @@ def llopsd_step(state: LLOPSDState) -> dict:
     texts = [state.tokenizer.decode(r) for r in responses]
     verdicts = [state.verifier(text, record.answer) for text, record in zip(texts, records)]
     teacher_prompts = [state.tokenizer.encode_prompt(
-        record.problem, privileged_context(record, text, config.teacher.context, state.verifier))
-        for record, text in zip(records, texts)]
+        record.problem, privileged_context(record, verdict, config.teacher.context))
+        for record, verdict in zip(records, verdicts)]
     pad = state.tokenizer.pad_id
     student_batch = build_batch(student_prompts, responses, pad)
     teacher_batch = build_batch(teacher_prompts, responses, pad)
-    response_ids, loss_mask = response_targets(responses, student_batch.response_length, pad)
+    _, loss_mask = response_targets(responses, student_batch.response_length, pad)
     size = config.trainer.micro_batch_size
     rows = [slice(i, i + size) for i in range(0, len(records), size)]
     mapping = config.loss.teacher_loop_for_each_student_loop(config.rollout.student_loops,

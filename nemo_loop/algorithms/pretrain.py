@@ -17,7 +17,7 @@ from nemo_loop.algorithms.common import (
 )
 from nemo_loop.data import pointer_chase
 from nemo_loop.data.pointer_chase import PointerChaseConfig, sample_batch
-from nemo_loop.checkpointing import save_model_checkpoint
+from nemo_loop.checkpointing import load_model_checkpoint, save_model_checkpoint
 from nemo_loop.evaluation.loop_accuracy import accuracy_per_loop
 from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
 from nemo_loop.models.looplm.config import LoopModelConfig
@@ -45,6 +45,7 @@ class TrainerConfig:
     log_interval: int = 5
     seed: int = 1234
     entropy_beta: float = 0.05
+    init_from: str | None = None  # a dist_checkpointing dir with a "model" entry (any TP/PP)
 
 
 @dataclass
@@ -85,6 +86,8 @@ def setup(config: PretrainConfig):
     model = build_loop_model(config.model.transformer_config(
         config.parallel.tensor_parallel, config.parallel.pipeline_parallel,
         config.parallel.sequence_parallel))
+    if config.trainer.init_from:
+        load_model_checkpoint(model, config.trainer.init_from)
     ddp_model = wrap_data_parallel(model, config.optim.use_distributed_optimizer)
     optimizer, scheduler = build_optimizer(ddp_model, config.optim)
     return ddp_model, optimizer, scheduler

@@ -86,3 +86,25 @@ def test_batch_sizes_must_divide(tmp_path):
     config = _config(tmp_path, "trainer.prompts_per_step=3", "trainer.micro_batch_size=2")
     with pytest.raises(ValueError, match="prompts_per_step"):
         config.validate(world_size=1)
+
+
+def test_training_starts_from_init_from_weights(megatron_single_process, tmp_path):
+    from nemo_loop.algorithms.llopsd import setup
+    from nemo_loop.checkpointing import save_model_checkpoint
+    from nemo_loop.models.looplm.model import build_loop_model
+    from nemo_loop.models.looplm.pipeline import unwrap_model
+    from nemo_loop.models.looplm.state_dict import gather_full_state_dict
+
+    config = _config(tmp_path / "run", "trainer.resume=false")
+    source = build_loop_model(config.model.transformer_config())
+    with torch.no_grad():
+        for param in source.parameters():
+            param.add_(torch.randn_like(param))
+    save_model_checkpoint(source, tmp_path / "init")
+    expected = gather_full_state_dict(source)
+    state = setup(_config(tmp_path / "run", "trainer.resume=false",
+                          f"trainer.init_from={tmp_path / 'init'}"), math_verifier)
+    got = gather_full_state_dict(unwrap_model(state.ddp_model))
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        _config(tmp_path / "run", f"trainer.init_from={tmp_path / 'nothing'}")
