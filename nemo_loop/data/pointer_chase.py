@@ -28,7 +28,10 @@ _NAMES = {PAD: "<pad>", BOS: "<s>", EOS: "</s>", EQUALS: "=", SEMICOLON: ";", QU
 
 @dataclass
 class PointerChaseConfig:
-    hops: int = 4  # chain length of the queried variable
+    hops: int = 4  # chain length of the queried variable (test problems always use this)
+    # Training chains are drawn from [min_hops, hops]: short chains teach the one-hop lookup
+    # that long chains compose. None: always ``hops``.
+    min_hops: int | None = None
     distractor_chains: int = 2
     hint_fraction: float = 0.3  # share of pretraining sequences that carry the answer hint
     train_seed: int = 0
@@ -37,6 +40,8 @@ class PointerChaseConfig:
     def validate(self, vocab_size: int) -> None:
         if self.hops < 1 or self.distractor_chains < 0:
             raise ValueError("data: hops must be >= 1 and distractor_chains >= 0")
+        if self.min_hops is not None and not 1 <= self.min_hops <= self.hops:
+            raise ValueError(f"data.min_hops must be in [1, hops={self.hops}]")
         if (self.distractor_chains + 1) * self.hops > NUM_VARIABLES:
             raise ValueError(f"data: {(self.distractor_chains + 1) * self.hops} variables "
                              f"needed, the vocabulary has {NUM_VARIABLES}")
@@ -57,16 +62,18 @@ class Problem:
         return (BOS, HINT, self.answer, SEMICOLON) + self.prompt[1:]
 
 
-def make_problem(config: PointerChaseConfig, generator: torch.Generator) -> Problem:
+def make_problem(config: PointerChaseConfig, generator: torch.Generator,
+                 hops: int | None = None) -> Problem:
     def randint(high):
         return int(torch.randint(high, (1,), generator=generator))
 
+    hops = hops or config.hops
     chains = config.distractor_chains + 1
-    variables = (torch.randperm(NUM_VARIABLES, generator=generator)[:chains * config.hops]
+    variables = (torch.randperm(NUM_VARIABLES, generator=generator)[:chains * hops]
                  + FIRST_VARIABLE).tolist()
     statements = []
     for chain in range(chains):
-        names = variables[chain * config.hops:(chain + 1) * config.hops]
+        names = variables[chain * hops:(chain + 1) * hops]
         statements.append((names[0], FIRST_DIGIT + randint(NUM_DIGITS)))
         statements += [(names[i], names[i - 1]) for i in range(1, len(names))]
         if chain == 0:
@@ -90,8 +97,10 @@ def sample_batch(config: PointerChaseConfig, batch_size: int,
                  generator: torch.Generator) -> dict:
     """Pretraining sequences ``prompt answer </s>``; the loss covers the answer and EOS."""
     prompts = []
+    low = config.min_hops or config.hops
     for _ in range(batch_size):
-        problem = make_problem(config, generator)
+        hops = low + int(torch.randint(config.hops - low + 1, (1,), generator=generator))
+        problem = make_problem(config, generator, hops)
         hinted = float(torch.rand((), generator=generator)) < config.hint_fraction
         prompts.append((list(problem.with_hint() if hinted else problem.prompt),
                         [problem.answer, EOS]))
