@@ -7,6 +7,7 @@ last prompt position, so one forward with the loop-dimension head scores every b
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from nemo_loop.data.sequences import build_batch
 from nemo_loop.models.looplm.pipeline import forward_backward_loops
@@ -25,25 +26,8 @@ def accuracy_per_loop(model, prompts: list[list[int]], answers: list[int], pad_i
         if not outputs:
             return None
         logits = outputs[0].logits[:, batch.prompt_length - 1]  # [R, b, V/TP]
-        predictions = _global_argmax(logits)
+        # The answer position only: gathering its full-vocab logits is [R, b, V], cheap.
+        predictions = gather_from_tensor_model_parallel_region(logits.contiguous()).argmax(-1)
         hits = (predictions == torch.tensor(answers[start:start + batch_size])).sum(-1)
         correct = hits if correct is None else correct + hits
     return (correct.double() / len(prompts)).tolist()
-
-
-def _global_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Argmax over a vocabulary sharded across tensor-parallel ranks."""
-    from megatron.core import parallel_state
-
-    size = parallel_state.get_tensor_model_parallel_world_size()
-    values, indices = logits.float().max(-1)
-    if size == 1:
-        return indices
-    indices = indices + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-    group = parallel_state.get_tensor_model_parallel_group()
-    all_values = [torch.empty_like(values) for _ in range(size)]
-    all_indices = [torch.empty_like(indices) for _ in range(size)]
-    torch.distributed.all_gather(all_values, values.contiguous(), group=group)
-    torch.distributed.all_gather(all_indices, indices.contiguous(), group=group)
-    best = torch.stack(all_values).argmax(0)
-    return torch.stack(all_indices).gather(0, best[None])[0]

@@ -57,13 +57,9 @@ def _reference(batches, num_loops=None):
 
 
 def _gather_vocab(logits):
-    size = parallel_state.get_tensor_model_parallel_world_size()
-    if size == 1:
-        return logits.detach()
-    shards = [torch.empty_like(logits) for _ in range(size)]
-    torch.distributed.all_gather(shards, logits.detach().contiguous(),
-                                 group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(shards, dim=-1)
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(logits.detach().contiguous())
 
 
 def _max_err(a, b):
