@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) recipes/pretrain_looplm.py $(ARGS)
+	$(PY) recipes/compression_experiment.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests $(ARGS)

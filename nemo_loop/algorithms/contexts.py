@@ -24,6 +24,9 @@ Verifier = Callable[[str, str], tuple[str | None, bool]]
 @dataclass
 class TeacherContextConfig:
     kind: str = "opsd"
+    # How the OPSD context states the answer; a synthetic task with its own vocabulary sets its
+    # own words here.
+    answer_template: str = "(For reference, the correct final answer is {answer}.)"
     include_solution: bool = True
     concise_instruction: str = ("Be concise: reach the final answer with as few steps and "
                                 "tokens as possible.")
@@ -32,13 +35,19 @@ class TeacherContextConfig:
         if self.kind not in CONTEXT_KINDS:
             raise ValueError(f"teacher.context.kind must be one of {CONTEXT_KINDS}, got "
                              f"{self.kind!r}")
+        try:
+            self.answer_template.format(answer="0")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"teacher.context.answer_template must be a format string with "
+                             f"only {{answer}} in it, got {self.answer_template!r} ({error!r})"
+                             ) from None
 
 
 def privileged_context(record: PromptRecord, verdict: tuple[str | None, bool],
                        config: TeacherContextConfig) -> str:
     """``verdict`` is the verifier's (extracted answer, correct) on the student's rollout."""
     if config.kind == "opsd":
-        context = f"(For reference, the correct final answer is {record.answer}.)"
+        context = config.answer_template.format(answer=record.answer)
         if config.include_solution and record.solution:
             context += f"\nReference solution:\n{record.solution}"
         return context

@@ -29,6 +29,7 @@ from nemo_loop.checkpointing import (
 from nemo_loop.data.chat import ChatConfig, ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
 from nemo_loop.data.sequences import build_batch, response_targets
+from nemo_loop.evaluation.answers import verifier_for
 from nemo_loop.generation.engine import SamplingParams
 from nemo_loop.generation.native import NativeLoopEngine
 from nemo_loop.losses import LoopDistillConfig, fused_head_distillation_loss
@@ -84,10 +85,12 @@ class LLOPSDConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: PromptSetConfig = field(default_factory=PromptSetConfig)
     prompt: ChatConfig = field(default_factory=ChatConfig)
+    answer_checker: str = "math"  # math: math-verify equivalence | exact: first word equals
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "runs/llopsd"
 
-    def validate(self, world_size: int | None = None) -> None:
+    def validate(self, world_size: int | None = None, check_paths: bool = True) -> None:
+        """``check_paths=False`` skips the checks on files an earlier pipeline phase writes."""
         parallel = self.parallel
         self.model.validate(parallel.tensor_parallel, parallel.pipeline_parallel)
         if parallel.pipeline_parallel > 1:
@@ -107,11 +110,12 @@ class LLOPSDConfig:
             raise ValueError(f"teacher.ema_decay must be in [0, 1), got {self.teacher.ema_decay}")
         self.teacher.context.validate()
         self.prompt.validate()
+        verifier_for(self.answer_checker)
         self.optim.validate()
         self.wandb.validate()
-        self.data.validate()
+        self.data.validate(check_path=check_paths)
         init_from = self.trainer.init_from
-        if init_from and not (Path(init_from) / "metadata.json").is_file():
+        if check_paths and init_from and not (Path(init_from) / "metadata.json").is_file():
             raise FileNotFoundError(f"trainer.init_from={init_from} is not a dist_checkpointing "
                                     f"directory (no metadata.json)")
         SamplingParams(temperature=self.rollout.temperature, top_p=self.rollout.top_p,
@@ -149,9 +153,9 @@ class LLOPSDState:
 def setup(config: LLOPSDConfig, verifier: Verifier) -> LLOPSDState:
     config.validate(torch.distributed.get_world_size())
     tokenizer = ChatTokenizer(config.prompt)
-    if tokenizer.vocab_size != config.model.vocab_size:
+    if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.tokenizer_file} has {tokenizer.vocab_size} "
-                         f"tokens but model.vocab_size is {config.model.vocab_size}")
+                         f"tokens but model.vocab_size is only {config.model.vocab_size}")
     initialize_model_parallel(config.parallel.layout(), seed=config.trainer.seed)
     transformer_config = config.model.transformer_config(config.parallel.tensor_parallel)
     model = build_loop_model(transformer_config)

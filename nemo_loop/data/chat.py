@@ -55,6 +55,8 @@ class ChatTokenizer:
         self.im_start_id = self._special_id(IM_START)
         self.im_end_id = self._special_id(IM_END)
         self.pad_id = self._special_id(END_OF_TEXT)
+        # Word-level task tokenizers map unknown words to an unk token; byte-level BPE has none.
+        self.unknown_id = self.tokenizer.token_to_id("<unk>")
 
     def _special_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -84,8 +86,14 @@ class ChatTokenizer:
         return f"{system}{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
 
     def encode_prompt(self, problem: str, context: str | None = None) -> list[int]:
-        return self.tokenizer.encode(self.prompt_text(problem, context),
-                                     add_special_tokens=False).ids
+        text = self.prompt_text(problem, context)
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        if self.unknown_id is not None and self.unknown_id in encoding.ids:
+            words = sorted({text[start:end] for (start, end), i in
+                            zip(encoding.offsets, encoding.ids) if i == self.unknown_id})
+            raise ValueError(f"prompt has words outside the vocabulary of "
+                             f"{self.tokenizer_file}: {words} (prompt: {text!r})")
+        return encoding.ids
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -55,7 +55,8 @@ class PromptSetConfig:
     def resolved_path(self, data_root: str | os.PathLike | None = None) -> Path:
         return data_path(self.path, data_root)
 
-    def validate(self, data_root: str | os.PathLike | None = None) -> None:
+    def validate(self, data_root: str | os.PathLike | None = None,
+                 check_path: bool = True) -> None:
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got "
                              f"{self.answer_format!r}")
@@ -64,7 +65,7 @@ class PromptSetConfig:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         path = self.resolved_path(data_root)
-        if not path.is_file():
+        if check_path and not path.is_file():
             raise FileNotFoundError(f"prompt set not found: {path} (relative paths are under "
                                     f"{Path(data_root or default_data_root())}; set data_root "
                                     f"or NEMO_LOOP_DATA, or give an absolute path)")

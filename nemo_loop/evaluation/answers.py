@@ -160,3 +160,34 @@ def math_verifier(response_text: str, gold) -> tuple[str | None, bool]:
     """The (extracted answer, is it correct) pair LLOPSD's contexts and metrics use."""
     verdict = check_response(response_text, gold)
     return verdict.extracted, verdict.correct
+
+
+def check_exact(response: str, gold) -> Verdict:
+    """Synthetic tasks whose answer is one word: the response's first word must equal it."""
+    words = response.split()
+    if not words:
+        return Verdict(False, None)
+    return Verdict(words[0] == gold_to_text(gold), words[0])
+
+
+ANSWER_CHECKERS = ("math", "exact")
+
+
+def check_answer(checker: str, response: str, gold, timeout_s: int = 5) -> Verdict:
+    """``math``: final answer + math-verify equivalence; ``exact``: first word equals gold."""
+    if checker == "exact":
+        return check_exact(response, gold)
+    if checker == "math":
+        return check_response(response, gold, timeout_s)
+    raise ValueError(f"answer checker must be one of {ANSWER_CHECKERS}, got {checker!r}")
+
+
+def verifier_for(checker: str):
+    """The (response text, gold) → (extracted, correct) callable LLOPSD takes."""
+    if checker not in ANSWER_CHECKERS:
+        raise ValueError(f"answer checker must be one of {ANSWER_CHECKERS}, got {checker!r}")
+
+    def verifier(response_text: str, gold) -> tuple[str | None, bool]:
+        verdict = check_answer(checker, response_text, gold)
+        return verdict.extracted, verdict.correct
+    return verifier

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from nemo_loop.data.chat import ChatConfig
+from nemo_loop.evaluation.answers import ANSWER_CHECKERS
 from nemo_loop.evaluation.benchmarks import BenchmarkSpec, get_spec
 from nemo_loop.evaluation.metrics import PASS_AT_K_CANDIDATES
 from nemo_loop.models.looplm.config import LoopModelConfig
@@ -46,12 +47,14 @@ class EvalConfig:
     prompt: ChatConfig = field(default_factory=ChatConfig)
     generation_batch_size: int = 64  # sequences per engine call
     entropy_batch_size: int = 16  # sequences per entropy forward
+    answer_checker: str = "math"  # math: math-verify equivalence | exact: first word equals
     verify_timeout_s: int = 5
     tensor_parallel: int = 1
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "runs/eval"
 
-    def validate(self) -> None:
+    def validate(self, check_paths: bool = True) -> None:
+        """``check_paths=False`` skips the checks on files an earlier pipeline phase writes."""
         self.model.validate(self.tensor_parallel)
         self.sampling.validate()
         self.prompt.validate()
@@ -62,7 +65,7 @@ class EvalConfig:
             if self.custom.name in self.benchmarks:
                 raise ValueError(f"custom.name {self.custom.name!r} clashes with a benchmark in "
                                  f"benchmarks")
-            self.custom.validate(self.data_root)
+            self.custom.validate(self.data_root, check_path=check_paths)
         if not self.benchmarks and not self.custom.path:
             raise ValueError("nothing to evaluate: benchmarks is empty and custom.path is unset")
         bad_budgets = [r for r in self.loop_budgets if not 1 <= r <= self.model.num_loops]
@@ -78,6 +81,9 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         if self.generation_batch_size < 1 or self.entropy_batch_size < 1:
             raise ValueError("generation_batch_size and entropy_batch_size must be >= 1")
+        if self.answer_checker not in ANSWER_CHECKERS:
+            raise ValueError(f"answer_checker must be one of {ANSWER_CHECKERS}, got "
+                             f"{self.answer_checker!r}")
         if self.verify_timeout_s < 1:
             raise ValueError(f"verify_timeout_s must be >= 1 second, got {self.verify_timeout_s}")
         if self.checkpoint_step is not None and self.checkpoint is None:

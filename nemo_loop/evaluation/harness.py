@@ -17,7 +17,7 @@ import torch
 
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptRecord, load_prompt_set
-from nemo_loop.evaluation.answers import check_response
+from nemo_loop.evaluation.answers import check_answer
 from nemo_loop.evaluation.config import EvalConfig
 from nemo_loop.evaluation.metrics import avg_at_n, mean_pass_at_k, usable_ks
 from nemo_loop.generation.engine import GenerationResult, SamplingParams
@@ -137,7 +137,8 @@ def evaluate_budget(name: str, problems: list[PromptRecord], prompts: list[list[
         correct = 0
         for index, result in enumerate(samples):
             response = prompter.decode(result.token_ids)
-            verdict = check_response(response, problem.answer, config.verify_timeout_s)
+            verdict = check_answer(config.answer_checker, response, problem.answer,
+                                   config.verify_timeout_s)
             correct += verdict.correct
             records.append(SampleRecord(
                 benchmark=name, problem_id=problem.id, num_loops=num_loops, sample_index=index,

@@ -43,6 +43,12 @@ class MetricsLogger:
         if not self.active:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        from omegaconf import OmegaConf
+
+        from nemo_loop.config import to_dict
+
+        # The resolved run config beside its metrics: what produced them, re-runnable as --config.
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(run_config)))
         self.file = open(output_dir / "metrics.jsonl", "a")
         if wandb_config.enabled:
             try:
@@ -50,7 +56,6 @@ class MetricsLogger:
             except ImportError as error:
                 raise RuntimeError("wandb.enabled=true needs the wandb package "
                                    "(pip install wandb)") from error
-            from nemo_loop.config import to_dict
 
             self.run = wandb.init(project=wandb_config.project, name=wandb_config.name,
                                   mode=wandb_config.resolved_mode(), dir=str(output_dir),

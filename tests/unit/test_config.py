@@ -23,8 +23,9 @@ def test_model_swap_and_dotlist_overrides():
     (["model.layer_spec=postnorm"], "unknown layer_spec"),
     (["model.num_loops=0"], "num_loops"),
     (["optim.decay_style=step"], "decay_style"),
-    (["data.hops=20"], "variables"),
-    (["model.vocab_size=32"], "vocab"),
+    (["data.num_cups=12"], "num_cups"),
+    (["data.num_swaps=200"], "max_sequence_length"),
+    (["model.vocab_size=8"], "vocab_size"),
     (["trainer.max_steps"], "key=value"),
 ])
 def test_bad_configs_name_the_problem(override, message):
@@ -38,6 +39,24 @@ def test_batch_divisibility_is_checked_against_the_world():
     config.validate(world_size=1)
     with pytest.raises(ValueError, match="global_batch_size"):
         config.validate(world_size=2)
+
+
+def test_compression_experiment_config_checks_every_phase_at_load_time():
+    from nemo_loop.experiments.compression import CompressionExperimentConfig
+
+    config = load_config(CompressionExperimentConfig, CONF_DIR / "compression.yaml")
+    assert list(config.students) == ["llopsd", "terminal_only"]
+    assert config.students["terminal_only"].weighting == "terminal"
+    student = config.student_config("llopsd")
+    assert student.model == config.model and student.answer_checker == "exact"
+    assert student.trainer.init_from.endswith("pretrain/model")
+    assert config.eval_config("pretrained", None).custom.name == "shell_game"
+    for override, message in [(["compression.rollout.student_loops=5"], "student_loops"),
+                              (["students.bad.mapping=zigzag"], "zigzag"),
+                              (["evaluation.n_samples=0"], "n_samples"),
+                              (["pretrain.trainer.max_steps=0"], "max_steps")]:
+        with pytest.raises(ValueError, match=message):
+            load_config(CompressionExperimentConfig, CONF_DIR / "compression.yaml", override)
 
 
 def test_missing_yaml_is_an_error():

@@ -32,3 +32,13 @@ def test_opsdc_gives_no_answer():
 def test_unknown_context_kind_is_rejected():
     with pytest.raises(ValueError, match="context.kind"):
         TeacherContextConfig(kind="hint").validate()
+
+
+def test_answer_template_words_the_opsd_context():
+    config = TeacherContextConfig(kind="opsd", answer_template="hint {answer}",
+                                  include_solution=False)
+    config.validate()
+    assert privileged_context(RECORD, (None, False), config) == "hint 7"
+    for bad in ("hint {solution}", "hint {", "hint {0}"):
+        with pytest.raises(ValueError, match="answer_template"):
+            TeacherContextConfig(answer_template=bad).validate()

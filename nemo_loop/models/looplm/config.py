@@ -42,6 +42,9 @@ class LoopModelConfig:
     layer_spec: str = "sandwich"
     norm_epsilon: float = 1e-6
     init_std: float = 0.02
+    # None: init_std. Tiny models want O(1) embeddings: with 0.02 the token identity is a few
+    # percent of a residual stream that every sandwich-normed sublayer adds unit RMS to.
+    embedding_init_std: float | None = None
     tie_word_embeddings: bool = False
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -114,6 +117,7 @@ class LoopModelConfig:
             attention_dropout=self.attention_dropout,
             hidden_dropout=self.hidden_dropout,
             init_method_std=self.init_std,
+            embedding_init_method_std=self.embedding_init_std,
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
             sequence_parallel=sequence_parallel and tensor_parallel > 1,

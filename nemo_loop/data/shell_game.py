@@ -1,0 +1,191 @@
+"""The shell game: a synthetic reasoning task on which more latent loops measurably help.
+
+A ball starts under one of ``num_cups`` cups; ``k`` swaps each exchange two cups; the question
+is where the ball ends up. The problem text is ``ball 1 | 0-1 1-2 0-2 0-1 =`` and its answer
+``2``. (The leading ``ball`` is a fixed first token; tiny models learn the task several times
+faster with one, presumably as an attention sink.)
+
+Why this task: the ball's cup after swap t depends on its cup after swap t−1, so a model that
+answers in one forward pass must carry a state through k sequential updates (swaps of three or
+more cups generate a non-abelian group: counting swaps is no shortcut). Each application of
+the shared layers can advance that state by a bounded number of swaps, so a LoopLM trained on
+mixed lengths answers short games at any loop count and long games only with more loops —
+exactly the quality-vs-loops curve that loop compression has to preserve.
+
+Problems are text plus an answer word, encoded by a word-level ``tokenizer.json`` that this
+module writes (see :func:`write_tokenizer`); the rest of the project reads them through the
+same :class:`~nemo_loop.data.chat.ChatTokenizer` and prompt-set JSONL path as any math data.
+The splits are disjoint by construction: a problem's split is a hash of its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nemo_loop.data.chat import END_OF_TEXT, IM_END, IM_START, ChatConfig
+
+SPLITS = ("train", "validation", "test")
+UNKNOWN = "<unk>"
+BALL, SEPARATOR, QUESTION, HINT = "ball", "|", "=", "hint"
+# The OPSD teacher context for this task (``teacher.context.answer_template``): the answer,
+# stated after the question. Pretraining shows it on ``hint_fraction`` of the sequences.
+HINT_TEMPLATE = HINT + " {answer}"
+# A game's split is its hash bucket: 2 of 10 buckets are test, 1 validation, 7 train.
+_HASH_BUCKETS = 10
+_SPLIT_SHARE = {"train": 0.7, "validation": 0.1, "test": 0.2}
+
+
+@dataclass
+class ShellGameConfig:
+    num_cups: int = 3
+    num_swaps: int = 8  # every evaluation problem has this many swaps
+    min_swaps: int = 1  # training games draw their length uniformly from [min_swaps, num_swaps]
+    # Share of pretraining sequences that state the answer first (``hint 2``): the OPSD teacher
+    # context, which the model must have seen to make use of it.
+    hint_fraction: float = 0.25
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 3 <= self.num_cups <= 9:
+            raise ValueError(f"data.num_cups must be in [3, 9] (two cups have no non-abelian "
+                             f"swap group), got {self.num_cups}")
+        if not 1 <= self.min_swaps <= self.num_swaps:
+            raise ValueError(f"data: need 1 <= min_swaps <= num_swaps, got min_swaps="
+                             f"{self.min_swaps}, num_swaps={self.num_swaps}")
+        if not 0.0 <= self.hint_fraction <= 1.0:
+            raise ValueError(f"data.hint_fraction must be in [0, 1], got {self.hint_fraction}")
+
+    def swaps(self) -> list[tuple[int, int]]:
+        return [(i, j) for i in range(self.num_cups) for j in range(i + 1, self.num_cups)]
+
+    def max_prompt_words(self) -> int:
+        return 4 + self.num_swaps + 2  # ball start | swaps = hint answer
+
+
+@dataclass(frozen=True)
+class Problem:
+    text: str
+    answer: str
+
+    def as_record(self, index: int) -> dict:
+        return {"id": str(index), "problem": self.text, "answer": self.answer}
+
+
+def play(config: ShellGameConfig, start: int, swaps: list[int]) -> int:
+    pairs = config.swaps()
+    cup = start
+    for swap in swaps:
+        first, second = pairs[swap]
+        cup = second if cup == first else first if cup == second else cup
+    return cup
+
+
+def render(config: ShellGameConfig, start: int, swaps: list[int]) -> Problem:
+    pairs = config.swaps()
+    words = [BALL, str(start), SEPARATOR] + [f"{pairs[s][0]}-{pairs[s][1]}" for s in swaps] + [QUESTION]
+    return Problem(" ".join(words), str(play(config, start, swaps)))
+
+
+def split_of(problem: Problem, config: ShellGameConfig) -> str:
+    """Only full-length games are held out: every evaluation game is full length, so training
+    keeps every shorter game, among them all single-swap rules the long games compose."""
+    if len(problem.text.split()) - 4 < config.num_swaps:
+        return "train"
+    # A cryptographic hash: CRC32 is linear, and its buckets correlated with the start cup and
+    # the answer (test answers were skewed towards cup 0).
+    digest = hashlib.blake2b(problem.text.encode(), digest_size=8).digest()
+    bucket = int.from_bytes(digest, "little") % _HASH_BUCKETS
+    return "test" if bucket < 2 else "validation" if bucket == 2 else "train"
+
+
+def draw(config: ShellGameConfig, split: str, generator: torch.Generator,
+         num_swaps: int | None = None) -> Problem:
+    """One random problem of ``split`` (rejection sampling on the split hash); held-out splits
+    only have full-length games."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split != "train":
+        num_swaps = config.num_swaps
+    while True:
+        length = num_swaps or config.min_swaps + int(torch.randint(
+            config.num_swaps - config.min_swaps + 1, (1,), generator=generator))
+        start = int(torch.randint(config.num_cups, (1,), generator=generator))
+        swaps = torch.randint(len(config.swaps()), (length,), generator=generator).tolist()
+        problem = render(config, start, swaps)
+        if split_of(problem, config) == split:
+            return problem
+
+
+def num_games(config: ShellGameConfig) -> int:
+    """Distinct full-length games (all splits together)."""
+    return config.num_cups * len(config.swaps()) ** config.num_swaps
+
+
+def check_count(config: ShellGameConfig, split: str, count: int) -> None:
+    """Refuse to ask for (nearly) all of a split's games: rejection sampling would crawl."""
+    available = int(_SPLIT_SHARE[split] * num_games(config))
+    if count > 0.9 * available:
+        raise ValueError(f"{count} distinct {split} games requested, but with num_cups="
+                         f"{config.num_cups} and num_swaps={config.num_swaps} the {split} split "
+                         f"holds only about {available}; ask for fewer or use longer games")
+
+
+def problems(config: ShellGameConfig, split: str, count: int) -> list[Problem]:
+    """``count`` distinct full-length problems of ``split``; the same list for the same config.
+
+    Distinct, so that an evaluation set's size is its number of independent games."""
+    check_count(config, split, count)
+    generator = torch.Generator().manual_seed(config.seed * len(SPLITS) + SPLITS.index(split))
+    chosen: dict[str, Problem] = {}
+    while len(chosen) < count:
+        problem = draw(config, split, generator, config.num_swaps)
+        chosen.setdefault(problem.text, problem)
+    return list(chosen.values())
+
+
+def write_prompt_set(path: str | Path, items: list[Problem]) -> Path:
+    """JSONL with ``id``/``problem``/``answer`` fields, readable by ``load_prompt_set``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p.as_record(i)) + "\n" for i, p in enumerate(items)))
+    return path
+
+
+# ----- tokenizer -----
+
+def vocabulary(config: ShellGameConfig) -> list[str]:
+    """Special tokens at the ids ChatML code expects, then the task's words."""
+    cups = [str(c) for c in range(config.num_cups)]
+    swaps = [f"{i}-{j}" for i, j in config.swaps()]
+    return [END_OF_TEXT, IM_START, IM_END, UNKNOWN, BALL, SEPARATOR, QUESTION, HINT] + cups + swaps
+
+
+def write_tokenizer(config: ShellGameConfig, directory: str | Path) -> Path:
+    """A word-level ``tokenizer.json`` (whitespace split) for the task's vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    words = vocabulary(config)
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                           unk_token=UNKNOWN))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
+    tokenizer.add_special_tokens([AddedToken(t, special=True)
+                                  for t in (END_OF_TEXT, IM_START, IM_END, UNKNOWN)])
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def chat_config(tokenizer_dir: str | Path) -> ChatConfig:
+    """How the task's prompts are rendered: raw words, no system turn, no instruction."""
+    return ChatConfig(tokenizer_path=str(Path(tokenizer_dir).resolve()), system_prompt=None,
+                      instruction_suffix="", template="plain")
+
+

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from nemo_loop.data import shell_game as sg
+from nemo_loop.data.chat import ChatTokenizer
+from nemo_loop.data.prompts import PromptSetConfig, load_prompt_set
+from nemo_loop.evaluation.answers import check_answer
+
+
+def _brute_force(text: str) -> str:
+    """Track every cup's content, a different algorithm from ``play``."""
+    _, start, _, *swaps, _ = text.split()
+    cups = list(range(10))
+    ball_cup = int(start)
+    contents = {c: c == ball_cup for c in cups}
+    for swap in swaps:
+        first, second = map(int, swap.split("-"))
+        contents[first], contents[second] = contents[second], contents[first]
+    return str(next(c for c, has_ball in contents.items() if has_ball))
+
+
+def test_answers_follow_the_ball():
+    config = sg.ShellGameConfig(num_cups=4, num_swaps=7)
+    assert sg.render(config, 1, [0]).text == "ball 1 | 0-1 ="  # swaps listed as (0,1), (0,2), ...
+    assert sg.render(config, 1, [0]).answer == "0"
+    assert sg.render(config, 2, [0, 0]).answer == "2"
+    for problem in sg.problems(config, "test", 200):
+        assert problem.answer == _brute_force(problem.text)
+        assert len(problem.text.split()) == 4 + config.num_swaps
+
+
+def test_splits_are_disjoint_distinct_and_reproducible():
+    config = sg.ShellGameConfig(num_swaps=8)
+    splits = {name: sg.problems(config, name, 300) for name in sg.SPLITS}
+    texts = {name: {p.text for p in problems} for name, problems in splits.items()}
+    assert all(len(texts[name]) == 300 for name in sg.SPLITS)
+    assert not texts["train"] & texts["test"]
+    assert not texts["train"] & texts["validation"]
+    assert not texts["validation"] & texts["test"]
+    assert sg.problems(config, "test", 300) == splits["test"]
+    assert all(sg.split_of(p, config) == "test" for p in splits["test"])
+    generator = torch.Generator().manual_seed(0)
+    training = [sg.draw(config, "train", generator) for _ in range(500)]
+    assert not {p.text for p in training} & texts["test"]
+    lengths = {len(p.text.split()) - 4 for p in training}
+    assert lengths == set(range(config.min_swaps, config.num_swaps + 1))
+    # Short games are never held out, so training sees every single-swap rule.
+    assert {(p.text, p.answer) for p in training if p.text.count("-") == 1} == {
+        (sg.render(config, start, [swap]).text, sg.render(config, start, [swap]).answer)
+        for start in range(3) for swap in range(3)}
+    # Answers are spread over the cups, so chance is 1/num_cups.
+    counts = torch.bincount(torch.tensor([int(p.answer) for p in splits["test"]]))
+    assert counts.min() > 300 / config.num_cups * 0.7
+
+
+def test_too_many_distinct_games_is_an_error():
+    config = sg.ShellGameConfig(num_swaps=4)  # 3 · 3⁴ = 243 games, ~48 in the test split
+    assert sg.num_games(config) == 243
+    with pytest.raises(ValueError, match="holds only about 48"):
+        sg.problems(config, "test", 100)
+
+
+def test_tokenizer_round_trip_and_unknown_words(tmp_path):
+    config = sg.ShellGameConfig()
+    sg.write_tokenizer(config, tmp_path)
+    tokenizer = ChatTokenizer(sg.chat_config(tmp_path))
+    assert tokenizer.vocab_size == len(sg.vocabulary(config))
+    assert (tokenizer.pad_id, tokenizer.im_end_id) == (0, 2)
+    problem = sg.problems(config, "test", 1)[0]
+    ids = tokenizer.encode_prompt(problem.text)
+    assert len(ids) == len(problem.text.split())
+    assert tokenizer.decode(ids) == problem.text
+    hinted = tokenizer.encode_prompt(problem.text, sg.HINT_TEMPLATE.format(answer=problem.answer))
+    assert hinted[:len(ids)] == ids and tokenizer.decode(hinted[len(ids):]) == \
+        f"hint {problem.answer}"
+    answer = tokenizer.encode_prompt(problem.answer)
+    assert tokenizer.decode(answer + [tokenizer.im_end_id]) == problem.answer
+    with pytest.raises(ValueError, match=r"outside the vocabulary.*'0-7'"):
+        tokenizer.encode_prompt("ball 1 | 0-7 =")
+
+
+def test_prompt_set_round_trip_and_exact_checker(tmp_path):
+    config = sg.ShellGameConfig()
+    problems = sg.problems(config, "test", 5)
+    path = sg.write_prompt_set(tmp_path / "test.jsonl", problems)
+    records = load_prompt_set(PromptSetConfig(path=str(path), id_field="id"))
+    assert [(r.problem, r.answer) for r in records] == [(p.text, p.answer) for p in problems]
+    assert json.loads(path.read_text().splitlines()[0])["id"] == "0"
+    gold = problems[0].answer
+    wrong = str((int(gold) + 1) % config.num_cups)
+    assert check_answer("exact", f"{gold} ", gold).correct
+    assert not check_answer("exact", wrong, gold).correct
+    assert check_answer("exact", "", gold).extracted is None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_cups=2), "num_cups"),
+    (dict(min_swaps=5, num_swaps=3), "min_swaps"),
+    (dict(hint_fraction=1.5), "hint_fraction"),
+])
+def test_invalid_configs_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sg.ShellGameConfig(**kwargs).validate()
