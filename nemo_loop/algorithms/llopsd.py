@@ -338,8 +338,10 @@ def train(config: LLOPSDConfig, verifier: Verifier) -> list[dict]:
     history = []
     interval = config.trainer.save_interval
     preemption = PreemptionHandler()
-    progress = tqdm(total=config.trainer.max_steps, initial=state.step, desc="llopsd",
-                    unit="step", disable=not is_logging_rank(), leave=False)
+    progress = tqdm(total=config.trainer.max_steps, initial=state.step,
+                    desc=Path(config.output_dir).name,
+                    # None: only on a terminal; log files get the periodic step lines instead.
+                    unit="step", disable=None if is_logging_rank() else True, leave=False)
     while state.step < config.trainer.max_steps:
         metrics = llopsd_step(state)
         history.append(metrics)
