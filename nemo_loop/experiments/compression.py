@@ -48,7 +48,9 @@ class CompressionExperimentConfig:
     train_prompts: int = 2048  # LLOPSD prompt set (distinct full-length train-split games)
     test_problems: int = 512  # distinct held-out games scored for every model at every loop
     # Phase settings. Their model, data, prompt, paths and answer checker come from this
-    # experiment; whatever those sections say inside a phase is replaced.
+    # experiment, and the teacher context is OPSD in the task's words (``hint <answer>``: the
+    # task vocabulary has no words for the other contexts); whatever a phase says there is
+    # replaced.
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     compression: LLOPSDConfig = field(default_factory=LLOPSDConfig)
     # One compression run per entry: name → loss (φ, α, D). Everything else is shared.
