@@ -20,12 +20,25 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 T = TypeVar("T")
 
 
-def _model_section(name: str) -> dict:
+def read_section(path: str | os.PathLike, schema: type[T]) -> T:
+    """A YAML file holding one section (a model config, say) → ``schema``, defaults for every
+    field it omits; unknown keys and wrong types are errors naming the file."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
+                                                   OmegaConf.load(path)))
+    except OmegaConfBaseException as error:
+        raise ValueError(f"invalid {schema.__name__} in {path}: "
+                         f"{str(error).splitlines()[0]}") from None
+
+
+def _model_section(name: str, schema: type) -> dict:
+    """The whole ``model`` section from ``conf/model/NAME.yaml`` (or a YAML path): every field,
+    defaults included, so a swapped-in model keeps nothing of the one it replaces."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / "model" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
         raise ValueError(f"model config {name!r} not found at {path}; known models: {known}")
-    return OmegaConf.to_container(OmegaConf.load(path))
+    return to_dict(read_section(path, schema))
 
 
 def _yaml_with_bases(path: Path, seen: tuple = ()) -> list:
@@ -47,6 +60,11 @@ def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
     """Schema defaults ← YAML file ← ``model=NAME`` ← dotlist overrides; then ``validate()``."""
     overrides = list(overrides or [])
     base = OmegaConf.structured(schema)
+
+    def model_schema() -> type:
+        if "model" not in base:
+            raise ValueError(f"{schema.__name__} has no model section to load a model into")
+        return OmegaConf.get_type(base, "model")
     layers = []
     if yaml_path is not None:
         layers.extend(_yaml_with_bases(Path(yaml_path)))
@@ -56,13 +74,13 @@ def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         if key == "model" and not value.startswith("{"):
-            layers.append(OmegaConf.create({"model": _model_section(value)}))
+            layers.append(OmegaConf.create({"model": _model_section(value, model_schema())}))
         else:
             dotted.append(item)
     try:
         for layer in layers:
             if "model" in layer and isinstance(layer.model, str):
-                layer.model = _model_section(layer.model)
+                layer.model = _model_section(layer.model, model_schema())
             base = OmegaConf.merge(base, layer)
         base = OmegaConf.merge(base, OmegaConf.from_dotlist(dotted))
         config = OmegaConf.to_object(base)

@@ -10,20 +10,17 @@ Everything lands in ``output_dir``: config, checkpoints, metrics, ``report.md`` 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nemo_loop.config import config_from_command_line  # noqa: E402
-from nemo_loop.experiments import report  # noqa: E402
-from nemo_loop.experiments.compression import (  # noqa: E402
+from nemo_loop.config import config_from_command_line
+from nemo_loop.experiments import report
+from nemo_loop.experiments.compression import (
     CompressionExperimentConfig,
     run_experiment,
 )
-from nemo_loop.utils.distributed import init_distributed  # noqa: E402
+from nemo_loop.utils.distributed import init_distributed
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nemo_loop.algorithms.pretrain import ParallelConfig  # noqa: E402
-from nemo_loop.config import load_config  # noqa: E402
+from nemo_loop.utils.distributed import ParallelConfig
+from nemo_loop.config import load_config
 
 
 @dataclass
@@ -48,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     to_hf.add_argument("--num-loops", type=int, default=None,
                        help="total_ut_steps R̃ of the exported model (default: the model's R)")
     to_hf.add_argument("--model-config", default=None,
-                       help="model YAML, when --ckpt is not an imported checkpoint directory")
+                       help="model YAML (default: the one stored with the checkpoint; it "
+                            "must describe the same model)")
     for command in (to_megatron, to_hf):
         command.add_argument("overrides", nargs="*", help="key=value, e.g. "
                              "parallel.tensor_parallel=2")
@@ -60,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()
-    layout = options.parallel.layout()
+    layout = options.parallel
     if args.command == "import":
         config = hf_ouro.import_ouro(args.hf_dir, args.out, layout, options.params_dtype)
         message = f"imported {args.hf_dir} → {args.out} ({config.num_layers} layers × " \

@@ -1,8 +1,11 @@
 """Evaluate a LoopLM checkpoint on math benchmarks at several loop budgets.
 
     python recipes/evaluate.py [--config conf/eval.yaml] [key=value ...]
-    python recipes/evaluate.py checkpoint=runs/pretrain/checkpoints benchmarks=[math500,aime24] \
+    python recipes/evaluate.py checkpoint=runs/llopsd benchmarks=[math500,aime24] \
         n_samples=8 loop_budgets=[1,2,4]
+
+``checkpoint`` is a run directory, its checkpoints/, one step or a model-only directory; the
+model config comes from the checkpoint.
 
 Writes results.json, samples.jsonl, results.md and PNG plots to ``output_dir``.
 """
@@ -10,16 +13,13 @@ Writes results.json, samples.jsonl, results.md and PNG plots to ``output_dir``.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nemo_loop.config import config_from_command_line  # noqa: E402
-from nemo_loop.evaluation.config import EvalConfig  # noqa: E402
-from nemo_loop.evaluation.harness import evaluate  # noqa: E402
-from nemo_loop.evaluation.report import TABLE_MD  # noqa: E402
-from nemo_loop.utils.distributed import init_distributed  # noqa: E402
+from nemo_loop.config import config_from_command_line
+from nemo_loop.evaluation.config import EvalConfig
+from nemo_loop.evaluation.harness import evaluate
+from nemo_loop.evaluation.report import TABLE_MD
+from nemo_loop.utils.distributed import init_distributed
 
 
 def main(argv: list[str] | None = None) -> None:

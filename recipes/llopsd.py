@@ -6,21 +6,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nemo_loop.algorithms.llopsd import LLOPSDConfig, train  # noqa: E402
-from nemo_loop.config import config_from_command_line  # noqa: E402
-from nemo_loop.evaluation.answers import verifier_for  # noqa: E402
-from nemo_loop.utils.distributed import init_distributed  # noqa: E402
+from nemo_loop.algorithms.llopsd import LLOPSDConfig, train
+from nemo_loop.config import config_from_command_line
+from nemo_loop.utils.distributed import init_distributed
 
 
 def main(argv: list[str] | None = None) -> None:
     config = config_from_command_line(LLOPSDConfig, "llopsd.yaml", __doc__, argv)
     init_distributed()
-    train(config, verifier_for(config.answer_checker))
+    train(config)
 
 
 if __name__ == "__main__":

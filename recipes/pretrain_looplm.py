@@ -6,14 +6,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nemo_loop.algorithms.pretrain import PretrainConfig, pretrain  # noqa: E402
-from nemo_loop.config import config_from_command_line  # noqa: E402
-from nemo_loop.utils.distributed import init_distributed  # noqa: E402
+from nemo_loop.algorithms.pretrain import PretrainConfig, pretrain
+from nemo_loop.config import config_from_command_line
+from nemo_loop.utils.distributed import init_distributed
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # Sourced (never run) by slurm/llopsd_8node.sh, slurm/llopsd_1node.sh and slurm/evaluate.sh
 # inside the batch job, after they set REPO_DIR. Holds what the three share: defaults, NCCL
-# settings, the torch.distributed rendezvous, the srun (+ pyxis/enroot) launch and the
-# checkpoint-and-requeue protocol. See docs/cluster.md.
+# settings, the torch.distributed rendezvous, the srun (+ pyxis/enroot) launch, the
+# checkpoint-and-requeue protocol and the choice of training recipe (algorithm=NAME). See
+# docs/cluster.md.
 #
 # Environment (all optional; defaults in brackets):
 #   CONTAINER_IMAGE   enroot image for pyxis: a .sqsh file or a registry URI
@@ -102,6 +103,29 @@ launch() {
     srun_pid=
     echo "[slurm] $(date -u +%FT%TZ) job step ended with exit code $status"
     return "$status"
+}
+
+# select_recipe [algorithm=NAME] OVERRIDES...: the recipe a training script runs. An optional
+# first argument algorithm=NAME picks recipes/NAME.py (llopsd, grpo, rltt, oisd, ...; default
+# llopsd); sets RECIPE to its path and RECIPE_ARGS to the remaining arguments (the overrides).
+select_recipe() {
+    local algorithm=llopsd
+    if [[ ${1:-} == algorithm=* ]]; then
+        algorithm=${1#algorithm=}
+        shift
+    fi
+    RECIPE=recipes/$algorithm.py
+    if [[ ! $algorithm =~ ^[a-z0-9_]+$ || ! -f $REPO_DIR/$RECIPE ]]; then
+        local known=() path
+        for path in "$REPO_DIR"/recipes/*.py; do
+            known+=("$(basename "$path" .py)")
+        done
+        echo "[slurm] unknown algorithm '$algorithm': there is no $RECIPE" \
+             "(recipes: ${known[*]})" >&2
+        return 2
+    fi
+    # shellcheck disable=SC2034  # read by the batch scripts that source this file
+    RECIPE_ARGS=("$@")
 }
 
 # launch_requeueable CMD...: launch; if the recipe exits with REQUEUE_EXIT_CODE (it saved a

@@ -11,8 +11,9 @@
 #SBATCH --signal=USR1@600
 #SBATCH --requeue
 #
-# LLOPSD on 8 nodes × 8 GPUs (64 ranks). Submit from the repository root; arguments are config
-# overrides for recipes/llopsd.py:
+# LLOPSD — or any training recipe — on 8 nodes × 8 GPUs (64 ranks). Submit from the repository
+# root; arguments are config overrides for recipes/llopsd.py, or, after a first argument
+# algorithm=NAME, for recipes/NAME.py (grpo, rltt, oisd, ...):
 #
 #   sbatch slurm/llopsd_8node.sh --config conf/cluster/ouro_1p4b_64gpu.yaml trainer.max_steps=500
 #   sbatch slurm/llopsd_8node.sh model=ouro_1p4b parallel.tensor_parallel=2 output_dir=runs/x
@@ -30,4 +31,5 @@ if [[ ! -f $REPO_DIR/recipes/llopsd.py ]]; then
 fi
 # shellcheck source=slurm/common.sh
 source "$REPO_DIR/slurm/common.sh"
-launch_requeueable "$PYTHON" recipes/llopsd.py "$@"
+select_recipe "$@"
+launch_requeueable "$PYTHON" "$RECIPE" "${RECIPE_ARGS[@]}"

@@ -5,11 +5,11 @@ import pytest
 def megatron_single_process():
     """A world of one with TP=PP=1, for unit tests that build megatron-core modules."""
     from nemo_loop.utils.distributed import (
-        ParallelLayout,
+        ParallelConfig,
         init_distributed,
         initialize_model_parallel,
     )
 
     init_distributed()
-    initialize_model_parallel(ParallelLayout(), seed=1234)
+    initialize_model_parallel(ParallelConfig(), seed=1234)
     yield

@@ -57,7 +57,10 @@ def tokenizer_dir_or_skip() -> Path:
 
 def random_ouro_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """HF-named random tensors; norms are 1 + noise so that swapping two norms is visible."""
-    from nemo_loop.models.looplm.hf_ouro import expected_ouro_shapes, ouro_config_to_model_config
+    from nemo_loop.models.looplm.state_dict_adapter import (
+        expected_ouro_shapes,
+        ouro_config_to_model_config,
+    )
 
     gen = torch.Generator().manual_seed(seed)
     shapes = expected_ouro_shapes(ouro_config_to_model_config(config))

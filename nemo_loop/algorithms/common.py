@@ -13,6 +13,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from nemo_loop.models.looplm.model import LoopGPTModel, build_loop_model
 from nemo_loop.models.looplm.pipeline import LossFunc, forward_backward_loops
 
 
@@ -39,6 +40,36 @@ class OptimConfig:
                              f"{self.decay_style!r}")
         if self.warmup_steps < 0 or self.decay_steps < 1:
             raise ValueError("optim: warmup_steps must be >= 0 and decay_steps >= 1")
+
+
+@dataclass
+class TrainableModel:
+    model: LoopGPTModel  # this rank's stage
+    ddp_model: DistributedDataParallel
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+    def frozen_copy(self) -> LoopGPTModel:
+        """A gradient-free copy of the current weights (EMA / frozen teacher, KL reference)."""
+        copy = build_loop_model(self.model.config).requires_grad_(False).eval()
+        copy.load_state_dict(self.model.state_dict())
+        return copy
+
+
+def build_trainable_model(config, run) -> TrainableModel:
+    """Parallel state, this rank's stage of ``config.model``, its initial weights
+    (``run.load_initial_weights``: before DDP and the optimizer copy them into their buffers and
+    master params), DDP and the optimizer with its LR schedule."""
+    from nemo_loop.utils.distributed import initialize_model_parallel
+
+    parallel = config.parallel
+    initialize_model_parallel(parallel, seed=config.trainer.seed)
+    model = build_loop_model(config.model.transformer_config(
+        parallel.tensor_parallel, parallel.pipeline_parallel, parallel.sequence_parallel))
+    run.load_initial_weights(model)
+    ddp_model = wrap_data_parallel(model, config.optim.use_distributed_optimizer)
+    optimizer, scheduler = build_optimizer(ddp_model, config.optim)
+    return TrainableModel(model, ddp_model, optimizer, scheduler)
 
 
 def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool = True):
@@ -69,17 +100,21 @@ def build_optimizer(ddp_model, optim: OptimConfig):
 
 
 def train_step(ddp_model, optimizer, scheduler, micro_batches: Sequence[dict],
-               loss_func: LossFunc, num_loops: int | None = None) -> dict:
+               loss_func: LossFunc, num_loops: int | None = None, logit_loops=None,
+               compute_logits: bool = True) -> dict:
     """Gradient accumulation over ``micro_batches``, grad sync, clip, optimizer and LR step.
 
     ``loss_func`` must scale its loss by 1/len(micro_batches). Returns metrics averaged over
     the micro-batches and the data-parallel group (on the last pipeline stage; empty elsewhere)
-    plus the grad norm and learning rate.
+    plus the grad norm and learning rate. ``logit_loops``/``compute_logits`` choose what the
+    ``LoopOutput`` given to ``loss_func`` holds (see ``forward_backward_loops``); a loss that
+    reads the readouts through a fused head needs no logits.
     """
     started = time.perf_counter()
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics = forward_backward_loops(ddp_model, micro_batches, loss_func, num_loops=num_loops)
+    metrics = forward_backward_loops(ddp_model, micro_batches, loss_func, num_loops=num_loops,
+                                     logit_loops=logit_loops, compute_logits=compute_logits)
     finalize_model_grads([ddp_model])
     backward_done = time.perf_counter()
     update_ok, grad_norm, _ = optimizer.step()
@@ -95,15 +130,29 @@ def train_step(ddp_model, optimizer, scheduler, micro_batches: Sequence[dict],
 
 
 def average_metrics(per_micro_batch: list[dict]) -> dict:
-    """Mean over micro-batches, then over the data-parallel group. Tensors become lists/floats."""
+    """Mean over micro-batches, then over the data-parallel group. Tensors become lists/floats.
+
+    Every metric travels in one flat vector: one all-reduce and one device-to-host copy per
+    step, not one per metric (each host copy of a GPU tensor waits for the device).
+    """
     if not per_micro_batch:
         return {}
-    summary = {}
-    for key in per_micro_batch[0]:
-        stacked = torch.stack([torch.as_tensor(m[key], dtype=torch.float64)
-                               for m in per_micro_batch]).mean(0)
-        if parallel_state.get_data_parallel_world_size() > 1:
-            torch.distributed.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
-            stacked /= parallel_state.get_data_parallel_world_size()
-        summary[key] = stacked.tolist()
-    return summary
+    keys = list(per_micro_batch[0])
+    device = next((m[key].device for m in per_micro_batch for key in keys
+                   if isinstance(m[key], torch.Tensor)), torch.device("cpu"))
+    means = [torch.stack([torch.as_tensor(m[key], dtype=torch.float64, device=device)
+                          for m in per_micro_batch]).mean(0) for key in keys]
+    flat = torch.cat([mean.reshape(-1) for mean in means])
+    data_parallel = parallel_state.get_data_parallel_world_size()
+    if data_parallel > 1:
+        torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        flat /= data_parallel
+    values = flat.cpu().split([mean.numel() for mean in means])
+    return {key: value.view(mean.shape).tolist() for key, value, mean in zip(keys, values, means)}
+
+
+@torch.no_grad()
+def update_ema(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """θ′ ← τ·θ′ + (1 − τ)·θ, shard by shard (both models have the same layout)."""
+    for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
+        teacher_param.mul_(decay).add_(student_param.detach(), alpha=1.0 - decay)

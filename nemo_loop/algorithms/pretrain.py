@@ -4,43 +4,36 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 
+from nemo_loop.algorithms import step_flops
 from nemo_loop.algorithms.common import (
     OptimConfig,
-    build_optimizer,
+    build_trainable_model,
     train_step,
-    wrap_data_parallel,
 )
-from nemo_loop.checkpointing import load_model_checkpoint, save_model_checkpoint
-from nemo_loop.data import shell_game
+from nemo_loop.algorithms.loop_accuracy import accuracy_per_loop
+from nemo_loop.algorithms.pretrain_data import PretrainDataConfig, TextSource
+from nemo_loop.algorithms.training_run import (
+    CheckpointConfig,
+    CheckpointedTrainerConfig,
+    TrainingRun,
+)
 from nemo_loop.data.chat import ChatTokenizer
-from nemo_loop.data.sequences import build_batch
-from nemo_loop.data.shell_game import ShellGameConfig
-from nemo_loop.evaluation.loop_accuracy import accuracy_per_loop
+from nemo_loop.data.sequences import teacher_forced_batch
 from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
 from nemo_loop.models.looplm.config import LoopModelConfig
-from nemo_loop.models.looplm.model import build_loop_model
-from nemo_loop.models.looplm.pipeline import unwrap_model
-from nemo_loop.utils.distributed import ParallelLayout, initialize_model_parallel
-from nemo_loop.utils.logging import MetricsLogger, WandbConfig
+from nemo_loop.tasks import Task, TaskConfig, build_task
+from nemo_loop.utils.distributed import ParallelConfig
+from nemo_loop.utils.logging import WandbConfig
 
 
 @dataclass
-class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    sequence_parallel: bool = False
-
-    def layout(self) -> ParallelLayout:
-        return ParallelLayout(self.tensor_parallel, self.pipeline_parallel, self.sequence_parallel)
-
-
-@dataclass
-class TrainerConfig:
+class TrainerConfig(CheckpointedTrainerConfig):
+    # save_interval, checkpoint_dir, resume, overwrite, init_from: CheckpointedTrainerConfig
     max_steps: int = 30
     micro_batch_size: int = 16
     global_batch_size: int = 32
@@ -49,8 +42,8 @@ class TrainerConfig:
     # split is scored once, after the last step.
     eval_interval: int = 0
     seed: int = 1234
+    data_seed: int = 0  # the stream of training sequences the task draws
     entropy_beta: float = 0.05
-    init_from: str | None = None  # a dist_checkpointing dir with a "model" entry (any TP/PP)
 
 
 @dataclass
@@ -59,91 +52,87 @@ class PretrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    data: ShellGameConfig = field(default_factory=ShellGameConfig)
+    # The synthetic task (data.source=task: training sequences and held-out problems).
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(name="shell_game"))
+    # Where training sequences come from: the task, or a tokenized text corpus (data.text).
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     # Distinct held-out games scored at every loop count.
     validation_problems: int = 256
     test_problems: int = 512
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "runs/pretrain"
 
-    def validate(self, world_size: int | None = None) -> None:
+    def validate(self, world_size: int | None = None, check_paths: bool = True) -> None:
+        """``check_paths=False`` skips the checks on files an earlier phase writes (the text
+        corpus)."""
         self.model.validate(self.parallel.tensor_parallel, self.parallel.pipeline_parallel)
         self.optim.validate()
+        self.checkpoint.validate()
+        self.trainer.validate_checkpointing()
         self.wandb.validate()
-        self.data.validate()
-        vocabulary = len(shell_game.vocabulary(self.data))
-        if vocabulary > self.model.vocab_size:
-            raise ValueError(f"the task has {vocabulary} words but model.vocab_size is "
-                             f"{self.model.vocab_size}")
-        longest = self.data.max_prompt_words() + 2  # + answer and end of turn
-        if longest > self.model.max_sequence_length:
-            raise ValueError(f"data sequences of up to {longest} tokens exceed "
-                             f"model.max_sequence_length {self.model.max_sequence_length}")
+        self.task.validate()
+        self.data.validate(self.model.vocab_size, self.model.max_sequence_length, check_paths)
+        if self.data.source == "task":
+            self._validate_task_source()
         if self.trainer.eval_interval < 0:
             raise ValueError("trainer.eval_interval must be >= 0")
-        for split, count in (("validation", self.validation_problems),
-                             ("test", self.test_problems)):
-            if count < 1:
-                raise ValueError(f"{split}_problems must be >= 1")
-            shell_game.check_count(self.data, split, count)
         trainer = self.trainer
         if trainer.max_steps < 1 or trainer.micro_batch_size < 1:
             raise ValueError("trainer.max_steps and trainer.micro_batch_size must be >= 1")
         if world_size is not None:
-            data_parallel = self.parallel.layout().data_parallel(world_size)
+            data_parallel = self.parallel.data_parallel(world_size)
             if trainer.global_batch_size % (trainer.micro_batch_size * data_parallel):
                 raise ValueError(
                     f"trainer.global_batch_size {trainer.global_batch_size} is not divisible by "
                     f"micro_batch_size × data_parallel = {trainer.micro_batch_size} × "
                     f"{data_parallel}")
 
+    def _validate_task_source(self) -> None:
+        task = build_task(self.task)
+        if not task.synthetic:
+            raise ValueError(f"pretraining needs a synthetic task that draws its own training "
+                             f"sequences (task.name=shell_game); {task.name!r} has none")
+        task.tokenizer().check_fits(self.model.vocab_size)
+        longest = task.max_sequence_tokens()
+        if longest > self.model.max_sequence_length:
+            raise ValueError(f"task sequences of up to {longest} tokens exceed "
+                             f"model.max_sequence_length {self.model.max_sequence_length}")
+        for split, count in (("validation", self.validation_problems),
+                             ("test", self.test_problems)):
+            if count < 1:
+                raise ValueError(f"{split}_problems must be >= 1")
+            task.check_count(split, count)
 
-def setup(config: PretrainConfig):
+
+def setup(config: PretrainConfig, tokenizer: ChatTokenizer):
+    """The run (storage checked before the model is built), then the model from
+    ``trainer.init_from`` or a fresh init, its optimizer, and the resumed checkpoint if any
+    (``run.start_step``)."""
     config.validate(torch.distributed.get_world_size())
-    initialize_model_parallel(config.parallel.layout(), seed=config.trainer.seed)
-    model = build_loop_model(config.model.transformer_config(
-        config.parallel.tensor_parallel, config.parallel.pipeline_parallel,
-        config.parallel.sequence_parallel))
-    if config.trainer.init_from:
-        load_model_checkpoint(model, config.trainer.init_from)
-    ddp_model = wrap_data_parallel(model, config.optim.use_distributed_optimizer)
-    optimizer, scheduler = build_optimizer(ddp_model, config.optim)
-    return ddp_model, optimizer, scheduler
+    run = TrainingRun(config, tokenizer)
+    trainable = build_trainable_model(config, run)
+    ddp_model, optimizer, scheduler = trainable.ddp_model, trainable.optimizer, trainable.scheduler
+    run.resume(ddp_model, optimizer, scheduler)
+    return run, ddp_model, optimizer, scheduler
 
 
-def task_tokenizer(config: PretrainConfig) -> ChatTokenizer:
-    """The task's word-level tokenizer, written into the run (LLOPSD and evaluation read it)."""
-    directory = Path(config.output_dir) / "tokenizer"
-    if torch.distributed.get_rank() == 0:
-        shell_game.write_tokenizer(config.data, directory)
-    torch.distributed.barrier()
-    return ChatTokenizer(shell_game.chat_config(directory))
-
-
-def sample_batch(config: ShellGameConfig, tokenizer: ChatTokenizer, batch_size: int,
+def sample_batch(task: Task, tokenizer: ChatTokenizer, batch_size: int,
                  generator: torch.Generator) -> dict:
-    """Training games of mixed length as ``prompt answer <|im_end|>``; the loss covers the
-    answer and the end of turn. ``hint_fraction`` of them state the answer first (the OPSD
-    teacher's context), so the teacher knows what the hint means."""
+    """The task's training examples as ``prompt answer <|im_end|>``; the loss covers the answer
+    and the end of turn."""
     prompts, responses = [], []
-    for _ in range(batch_size):
-        problem = shell_game.draw(config, "train", generator)
-        hinted = float(torch.rand((), generator=generator)) < config.hint_fraction
-        context = shell_game.HINT_TEMPLATE.format(answer=problem.answer) if hinted else None
-        prompts.append(tokenizer.encode_prompt(problem.text, context))
-        responses.append(tokenizer.encode_prompt(problem.answer) + [tokenizer.im_end_id])
-    batch = build_batch(prompts, responses, tokenizer.pad_id)
-    loss_mask = torch.zeros(batch_size, batch.input_ids.shape[1] - 1)
-    loss_mask[:, batch.response_window] = 1.0
-    return dict(input_ids=batch.input_ids[:, :-1], labels=batch.input_ids[:, 1:],
-                position_ids=batch.position_ids[:, :-1],
-                attention_mask=batch.attention_mask[:, :, :-1, :-1], loss_mask=loss_mask)
+    for example in task.training_examples(batch_size, generator):
+        prompts.append(tokenizer.encode_prompt(example.problem, example.context))
+        responses.append(tokenizer.encode_prompt(example.answer) + [tokenizer.im_end_id])
+    return teacher_forced_batch(prompts, responses, tokenizer.pad_id)
 
 
-def my_micro_batches(config: PretrainConfig, tokenizer: ChatTokenizer, step: int) -> list[dict]:
+def my_micro_batches(config: PretrainConfig, task: Task, tokenizer: ChatTokenizer,
+                     step: int) -> list[dict]:
     """This data-parallel rank's micro-batches of the global batch for ``step``."""
-    generator = torch.Generator().manual_seed(config.data.seed * 1_000_003 + step)
-    batch = sample_batch(config.data, tokenizer, config.trainer.global_batch_size, generator)
+    generator = torch.Generator().manual_seed(config.trainer.data_seed * 1_000_003 + step)
+    batch = sample_batch(task, tokenizer, config.trainer.global_batch_size, generator)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     per_rank = config.trainer.global_batch_size // dp_size
@@ -153,53 +142,88 @@ def my_micro_batches(config: PretrainConfig, tokenizer: ChatTokenizer, step: int
 
 
 def pretrain(config: PretrainConfig) -> list[dict]:
-    ddp_model, optimizer, scheduler = setup(config)
-    tokenizer = task_tokenizer(config)
-    logger = MetricsLogger(config.wandb, config, Path(config.output_dir), format_step)
+    """Train to ``trainer.max_steps`` (resuming from the newest checkpoint), saving checkpoints
+    at ``trainer.save_interval``, at the end and on preemption; then the model-only checkpoint
+    at ``<output_dir>/model``. Everything logged for a step precedes its checkpoint, so a
+    resumed run logs each step once."""
+    data = training_source(config)
+    run, ddp_model, optimizer, scheduler = setup(config, data.tokenizer)
     history = []
-    for step in range(1, config.trainer.max_steps + 1):
-        micro_batches = my_micro_batches(config, tokenizer, step)
+    max_steps = config.trainer.max_steps
+    with run.loop(format_step) as loop:
+        for step in range(run.start_step + 1, max_steps + 1):
+            micro_batches = data.micro_batches(step)
 
-        def loss_func(batch, output, count=len(micro_batches)):
-            loss, metrics = ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"],
-                                                  config.trainer.entropy_beta)
-            return loss / count, metrics
+            def loss_func(batch, output, count=len(micro_batches)):
+                loss, metrics = ouro_pretraining_loss(output, batch["labels"],
+                                                      batch["loss_mask"],
+                                                      config.trainer.entropy_beta)
+                return loss / count, metrics
 
-        started = time.perf_counter()
-        metrics = train_step(ddp_model, optimizer, scheduler, micro_batches, loss_func)
-        metrics["step_time_s"] = time.perf_counter() - started
-        metrics["step"] = step
-        history.append(metrics)
-        if step % config.trainer.log_interval == 0 or step in (1, config.trainer.max_steps):
-            logger.log(step, metrics)
-        interval = config.trainer.eval_interval
-        if interval and step % interval == 0 and step < config.trainer.max_steps:
-            logger.log(step, split_accuracy(config, tokenizer, ddp_model, "validation"))
-    final = split_accuracy(config, tokenizer, ddp_model, "validation")
-    final.update(split_accuracy(config, tokenizer, ddp_model, "test"))
-    logger.log(config.trainer.max_steps, final)
-    history.append(final)
-    save_model_checkpoint(unwrap_model(ddp_model), Path(config.output_dir) / "model")
-    logger.close()
+            started = time.perf_counter()
+            metrics = train_step(ddp_model, optimizer, scheduler, micro_batches, loss_func)
+            metrics["step_time_s"] = time.perf_counter() - started
+            metrics.update(step_flops.teacher_forced(config, micro_batches,
+                                                     config.model.num_loops, None,
+                                                     metrics["step_time_s"]))
+            metrics["step"] = step
+            history.append(metrics)
+            if step % config.trainer.log_interval == 0 or step in (1, max_steps):
+                loop.log(step, metrics)
+            interval = config.trainer.eval_interval
+            if interval and step % interval == 0 and step < max_steps:
+                loop.log(step, data.heldout_metrics(ddp_model, "validation"))
+            if step == max_steps:
+                final = data.heldout_metrics(ddp_model, "validation")
+                final.update(data.heldout_metrics(ddp_model, "test"))
+                loop.log(max_steps, final)
+                history.append(final)
+            loop.end_of_step(step, lambda: run.save(step, ddp_model, optimizer, scheduler),
+                             metrics.get("loss"))
+    run.save_final_model(unwrap_model(ddp_model))
     return history
 
 
-def split_accuracy(config: PretrainConfig, tokenizer: ChatTokenizer, model,
+class TaskSource:
+    """The synthetic task's training sequences and held-out problems (``data.source=task``);
+    :mod:`nemo_loop.algorithms.pretrain_data` has the text source and the interface."""
+
+    def __init__(self, config: PretrainConfig):
+        self.config, self.task = config, build_task(config.task)
+        self.tokenizer = self.task.tokenizer()
+
+    def micro_batches(self, step: int) -> list[dict]:
+        return my_micro_batches(self.config, self.task, self.tokenizer, step)
+
+    def heldout_metrics(self, model, split: str) -> dict:
+        return split_accuracy(self.config, self.task, self.tokenizer, model, split)
+
+
+def training_source(config: PretrainConfig) -> TaskSource | TextSource:
+    """``data.source``: the synthetic task, or the text corpus (built collectively here)."""
+    return TextSource(config) if config.data.source == "text" else TaskSource(config)
+
+
+def split_accuracy(config: PretrainConfig, task: Task, tokenizer: ChatTokenizer, model,
                    split: str) -> dict:
-    """Greedy accuracy at loops 1..R on the held-out full-length games of ``split``."""
+    """Greedy accuracy of the first answer token at loops 1..R on held-out problems of
+    ``split`` (teacher-forced: one forward scores every loop)."""
     count = config.validation_problems if split == "validation" else config.test_problems
-    problems = shell_game.problems(config.data, split, count)
+    problems = task.heldout_problems(split, count)
     answers = [tokenizer.encode_prompt(p.answer)[0] for p in problems]
-    accuracy = accuracy_per_loop(model, [tokenizer.encode_prompt(p.text) for p in problems],
+    accuracy = accuracy_per_loop(model, [tokenizer.encode_prompt(p.problem) for p in problems],
                                  answers, tokenizer.pad_id)
     return {} if accuracy is None else {f"{split}_accuracy_per_loop": accuracy}
 
 
 def format_step(step: int, metrics: dict) -> str:
-    accuracies = [key for key in metrics if key.endswith("_accuracy_per_loop")]
-    if accuracies:
-        return " | ".join(f"{key.removesuffix('_accuracy_per_loop')} accuracy per loop: " + " ".join(
-            f"L{r + 1}={a:.3f}" for r, a in enumerate(metrics[key])) for key in accuracies)
+    # held-out metrics: <split>_accuracy_per_loop (task) or <split>_ce_per_loop (text)
+    heldout = [key for key in metrics if key.startswith(("validation_", "test_"))
+               and key.endswith("_per_loop")]
+    if heldout:
+        return " | ".join(
+            f"{key.removesuffix('_per_loop').replace('_', ' ', 1)} per loop: " + " ".join(
+                f"L{r + 1}={a:.3f}" for r, a in enumerate(metrics[key])) for key in heldout)
     per_loop = " ".join(f"L{r + 1}={ce:.3f}" for r, ce in enumerate(metrics["ce_per_loop"]))
     exits = " ".join(f"{p:.2f}" for p in metrics["exit_prob_per_loop"])
     return (f"step {step:4d} | loss {metrics['loss']:.4f} | CE per loop {per_loop} | "

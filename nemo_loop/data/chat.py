@@ -39,18 +39,12 @@ class ChatConfig:
 class ChatTokenizer:
     """Problem text → prompt token ids, generated ids → text, and the ids that end an answer."""
 
-    def __init__(self, config: ChatConfig, data_root: str | os.PathLike | None = None):
-        from tokenizers import Tokenizer
-
-        path = data_path(config.tokenizer_path, data_root)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist (set "
-                                    f"prompt.tokenizer_path)")
+    def __init__(self, config: ChatConfig, tokenizer, source: str):
+        """``tokenizer``: a ``tokenizers.Tokenizer``; ``source`` names where it came from (a
+        file, or the task that built it) in messages and in checkpoint metadata."""
         self.config = config
-        self.tokenizer_file = path
-        self.tokenizer = Tokenizer.from_file(str(path))
+        self.source = source
+        self.tokenizer = tokenizer
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.im_start_id = self._special_id(IM_START)
         self.im_end_id = self._special_id(IM_END)
@@ -58,10 +52,31 @@ class ChatTokenizer:
         # Word-level task tokenizers map unknown words to an unk token; byte-level BPE has none.
         self.unknown_id = self.tokenizer.token_to_id("<unk>")
 
+    @classmethod
+    def from_file(cls, config: ChatConfig, data_root: str | os.PathLike | None = None
+                  ) -> "ChatTokenizer":
+        """``config.tokenizer_path``: a ``tokenizer.json`` or its directory (relative paths are
+        under the data root)."""
+        from tokenizers import Tokenizer
+
+        path = data_path(config.tokenizer_path, data_root)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist (set "
+                                    f"task.math.prompt.tokenizer_path)")
+        return cls(config, Tokenizer.from_file(str(path)), str(path))
+
+    def check_fits(self, vocab_size: int) -> None:
+        """The model's embedding must have a row for every token id."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"tokenizer {self.source} has {self.vocab_size} tokens but "
+                             f"model.vocab_size is only {vocab_size}")
+
     def _special_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"tokenizer {self.tokenizer_file} has no {token} token; ChatML "
+            raise ValueError(f"tokenizer {self.source} has no {token} token; ChatML "
                              f"prompts need it")
         return token_id
 
@@ -86,13 +101,20 @@ class ChatTokenizer:
         return f"{system}{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
 
     def encode_prompt(self, problem: str, context: str | None = None) -> list[int]:
-        text = self.prompt_text(problem, context)
+        return self._encode(self.prompt_text(problem, context), "prompt")
+
+    def encode_response(self, text: str) -> list[int]:
+        """A reference response as the model should write it after the prompt (supervised
+        targets): the text's tokens, then the end of turn."""
+        return self._encode(text.strip(), "response") + [self.im_end_id]
+
+    def _encode(self, text: str, what: str) -> list[int]:
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         if self.unknown_id is not None and self.unknown_id in encoding.ids:
             words = sorted({text[start:end] for (start, end), i in
                             zip(encoding.offsets, encoding.ids) if i == self.unknown_id})
-            raise ValueError(f"prompt has words outside the vocabulary of "
-                             f"{self.tokenizer_file}: {words} (prompt: {text!r})")
+            raise ValueError(f"{what} has words outside the vocabulary of "
+                             f"{self.source}: {words} ({what}: {text!r})")
         return encoding.ids
 
     def decode(self, token_ids: list[int]) -> str:

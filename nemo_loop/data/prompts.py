@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from nemo_loop.data.answer_formats import after_hash_marks, gold_to_text, last_boxed
+
 ANSWER_FORMATS = ("plain", "last_boxed", "after_hashes")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,6 +73,14 @@ class PromptSetConfig:
                                     f"or NEMO_LOOP_DATA, or give an absolute path)")
 
 
+@dataclass
+class BenchmarkSpec(PromptSetConfig):
+    """A named prompt set: a task's registered benchmark, or a user's own file (``custom``)."""
+
+    path: str = ""  # empty: no custom benchmark
+    name: str = "custom"
+
+
 @dataclass(frozen=True)
 class PromptRecord:
     problem: str
@@ -85,7 +95,7 @@ def load_prompt_set(config: PromptSetConfig,
     config.validate(data_root)
     path = config.resolved_path(data_root)
     records = []
-    for line_number, raw in _raw_records(path):
+    for line_number, raw in read_records(path):
         records.append(_record(config, raw, f"{path}:{line_number}", len(records)))
         if config.limit is not None and len(records) >= config.limit:
             break
@@ -94,8 +104,10 @@ def load_prompt_set(config: PromptSetConfig,
     return records
 
 
-def _raw_records(path: Path):
-    """(line number, dict) pairs; a ``.json`` file holds one array, numbered from record 1."""
+def read_records(path: Path):
+    """(line number, dict) pairs of a JSONL file, or of a ``.json`` file holding one array
+    (numbered from record 1); a malformed line or a record that is not an object is a
+    :class:`PromptSetError` naming the file and line."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
@@ -146,15 +158,21 @@ def _record(config: PromptSetConfig, raw: dict, where: str, index: int) -> Promp
 
 
 def _answer(value, answer_format: str) -> str | None:
-    # Imported here, not at module level: nemo_loop.evaluation builds on this module, so data/
-    # must not need evaluation/ to be importable first.
-    from nemo_loop.evaluation.answers import after_hash_marks, gold_to_text, last_boxed
-
     if answer_format == "plain":
         return gold_to_text(value)
     if answer_format == "last_boxed":
         return last_boxed(str(value))
     return after_hash_marks(str(value))
+
+
+def write_prompt_set(path: str | os.PathLike, records: list[PromptRecord]) -> Path:
+    """JSONL with ``id``/``problem``/``answer`` fields, readable by :func:`load_prompt_set`
+    with ``id_field: id``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": r.id, "problem": r.problem, "answer": r.answer})
+                            + "\n" for r in records))
+    return path
 
 
 class PromptSampler:

@@ -40,15 +40,16 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]],
         raise ValueError("every prompt needs at least one token")
     prompt_len = max(len(p) for p in prompts)
     response_len = max(1, max(len(r) for r in responses))
-    batch, total = len(prompts), prompt_len + response_len
-    input_ids = torch.full((batch, total), pad_id, dtype=torch.long)
-    real = torch.zeros(batch, total, dtype=torch.bool)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        start = prompt_len - len(prompt)
-        input_ids[row, start:prompt_len] = torch.tensor(prompt)
-        input_ids[row, prompt_len:prompt_len + len(response)] = torch.tensor(response,
-                                                                             dtype=torch.long)
-        real[row, start:prompt_len + len(response)] = True
+    total = prompt_len + response_len
+    # Padded in Python and converted once: a tensor per row costs more than the step's model
+    # work on small models (see benchmarks/step_overhead.py).
+    input_ids = torch.tensor([[pad_id] * (prompt_len - len(p)) + list(p) + list(r)
+                              + [pad_id] * (response_len - len(r))
+                              for p, r in zip(prompts, responses)], dtype=torch.long)
+    columns = torch.arange(total)
+    starts = torch.tensor([prompt_len - len(p) for p in prompts])
+    ends = torch.tensor([prompt_len + len(r) for r in responses])
+    real = (columns >= starts[:, None]) & (columns < ends[:, None])
     position_ids = (torch.cumsum(real.long(), dim=1) - 1).clamp_min(0)
     causal = torch.ones(total, total, dtype=torch.bool).tril()
     allowed = causal[None] & real[:, None, :]
@@ -61,9 +62,35 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]],
 def response_targets(responses: list[list[int]], response_length: int,
                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Response ids and their loss mask, both ``[T, b]`` (megatron's sequence-first layout)."""
-    ids = torch.full((response_length, len(responses)), pad_id, dtype=torch.long)
-    mask = torch.zeros(response_length, len(responses))
-    for column, response in enumerate(responses):
-        ids[:len(response), column] = torch.tensor(response, dtype=torch.long)
-        mask[:len(response), column] = 1.0
+    if any(len(r) > response_length for r in responses):
+        raise ValueError(f"a response is longer than response_length={response_length}")
+    ids = torch.tensor([list(r) + [pad_id] * (response_length - len(r)) for r in responses],
+                       dtype=torch.long).reshape(len(responses), response_length).t()
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    mask = (torch.arange(response_length)[:, None] < lengths[None]).float()
     return ids, mask
+
+
+def teacher_forced_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                         response_weights: torch.Tensor | None = None) -> dict:
+    """A next-token micro-batch dict of prompt + response rows (supervised training).
+
+    ``input_ids``/``position_ids``/``attention_mask`` drop the last column and ``labels`` are
+    the ids shifted by one, so column P − 1 + t predicts response token t. ``loss_mask``
+    ``[b, P + T − 1]`` is 1 at the columns that predict a row's own response tokens (0 past its
+    end), or ``response_weights`` ``[T, b]`` placed there instead. ``row_lengths`` ``[b]``: each
+    row's real prompt + response − 1 tokens, the ones that predict a next token (FLOPs count).
+    """
+    batch = build_batch(prompts, responses, pad_id)
+    _, mask = response_targets(responses, batch.response_length, pad_id)
+    weights = mask if response_weights is None else response_weights
+    if weights.shape != mask.shape:
+        raise ValueError(f"response_weights must be [T, b] = {tuple(mask.shape)}, got "
+                         f"{tuple(weights.shape)}")
+    loss_mask = torch.zeros(len(prompts), batch.input_ids.shape[1] - 1, dtype=weights.dtype)
+    loss_mask[:, batch.response_window] = weights.t()
+    return dict(input_ids=batch.input_ids[:, :-1], labels=batch.input_ids[:, 1:],
+                position_ids=batch.position_ids[:, :-1],
+                attention_mask=batch.attention_mask[:, :, :-1, :-1], loss_mask=loss_mask,
+                row_lengths=torch.tensor([len(p) + len(r) - 1
+                                          for p, r in zip(prompts, responses)]))

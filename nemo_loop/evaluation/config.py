@@ -4,33 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from nemo_loop.data.chat import ChatConfig
-from nemo_loop.evaluation.answers import ANSWER_CHECKERS
-from nemo_loop.evaluation.benchmarks import BenchmarkSpec, get_spec
+from nemo_loop.data.prompts import BenchmarkSpec
 from nemo_loop.evaluation.metrics import PASS_AT_K_CANDIDATES
+from nemo_loop.generation.backend import GenerationConfig
+from nemo_loop.generation.engine import SamplingConfig
 from nemo_loop.models.looplm.config import LoopModelConfig
+from nemo_loop.tasks import TaskConfig, build_task
 from nemo_loop.utils.logging import WandbConfig
 
 
 @dataclass
-class EvalSamplingConfig:
+class EvalSamplingConfig(SamplingConfig):
     temperature: float = 0.6
     top_p: float = 0.95
-    top_k: int = 0
     max_new_tokens: int = 1024
     seed: int = 1234
-
-    def validate(self) -> None:
-        from nemo_loop.generation.engine import SamplingParams
-
-        SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                       max_new_tokens=self.max_new_tokens, seed=self.seed)
 
 
 @dataclass
 class EvalConfig:
     model: LoopModelConfig = field(default_factory=LoopModelConfig)
-    # A training-checkpoint root (with latest_checkpointed_step.txt) or one step directory;
+    # Anywhere inside a run: its directory, its checkpoint root, one step directory or a
+    # model-only directory (the architecture is read from the checkpoint, not from model);
     # null evaluates a randomly initialised model (a smoke test of the pipeline, loudly logged).
     checkpoint: str | None = None
     checkpoint_step: int | None = None  # with a checkpoint root: which step (default: latest)
@@ -44,11 +39,11 @@ class EvalConfig:
     n_samples: int = 4
     pass_at_k: list[int] = field(default_factory=lambda: list(PASS_AT_K_CANDIDATES))
     sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
-    prompt: ChatConfig = field(default_factory=ChatConfig)
-    generation_batch_size: int = 64  # sequences per engine call
+    # Prompt format, tokenizer, answer checking and the benchmark registry.
+    task: TaskConfig = field(default_factory=TaskConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # native | vllm
+    generation_batch_size: int = 64  # sequences per native-engine batch (vLLM batches itself)
     entropy_batch_size: int = 16  # sequences per entropy forward
-    answer_checker: str = "math"  # math: math-verify equivalence | exact: first word equals
-    verify_timeout_s: int = 5
     tensor_parallel: int = 1
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "runs/eval"
@@ -57,10 +52,12 @@ class EvalConfig:
         """``check_paths=False`` skips the checks on files an earlier pipeline phase writes."""
         self.model.validate(self.tensor_parallel)
         self.sampling.validate()
-        self.prompt.validate()
+        self.generation.validate()
+        self.task.validate()
         self.wandb.validate()
+        task = build_task(self.task)
         for name in self.benchmarks:
-            get_spec(name)
+            task.benchmark(name)
         if self.custom.path:
             if self.custom.name in self.benchmarks:
                 raise ValueError(f"custom.name {self.custom.name!r} clashes with a benchmark in "
@@ -81,11 +78,6 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         if self.generation_batch_size < 1 or self.entropy_batch_size < 1:
             raise ValueError("generation_batch_size and entropy_batch_size must be >= 1")
-        if self.answer_checker not in ANSWER_CHECKERS:
-            raise ValueError(f"answer_checker must be one of {ANSWER_CHECKERS}, got "
-                             f"{self.answer_checker!r}")
-        if self.verify_timeout_s < 1:
-            raise ValueError(f"verify_timeout_s must be >= 1 second, got {self.verify_timeout_s}")
         if self.checkpoint_step is not None and self.checkpoint is None:
             raise ValueError("checkpoint_step is set but checkpoint is null")
 
@@ -94,6 +86,7 @@ class EvalConfig:
 
     def benchmark_specs(self) -> list[BenchmarkSpec]:
         """The registered benchmarks, then the custom file; ``limit`` applies to all of them."""
-        specs = [get_spec(name) for name in self.benchmarks]
+        task = build_task(self.task)
+        specs = [task.benchmark(name) for name in self.benchmarks]
         specs += [self.custom] if self.custom.path else []
         return specs if self.limit is None else [replace(s, limit=self.limit) for s in specs]

@@ -17,10 +17,10 @@ import torch
 
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptRecord, load_prompt_set
-from nemo_loop.evaluation.answers import check_answer
 from nemo_loop.evaluation.config import EvalConfig
 from nemo_loop.evaluation.metrics import avg_at_n, mean_pass_at_k, usable_ks
 from nemo_loop.generation.engine import GenerationResult, SamplingParams
+from nemo_loop.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 # Logit elements materialised at once by the entropy pass (~256 MiB of fp32).
@@ -88,12 +88,7 @@ def _batch_entropies(model, prompts, continuations, num_loops: int) -> torch.Ten
     tokens = torch.zeros(len(sequences), width, dtype=torch.long)
     for row, sequence in enumerate(sequences):
         tokens[row, :len(sequence)] = torch.tensor(sequence)
-    hidden = model.embed(tokens)
-    rotary = model.rotary_embedding(width)
-    readouts = []
-    for _ in range(num_loops):
-        hidden = model.run_shared_layers(hidden, None, rotary)
-        readouts.append(hidden)
+    readouts = list(model.run_loops(tokens, num_loops))  # num_loops × [s, b, h]
     # Position len(prompt)-1+t predicts generated token t.
     generated = max(len(c) for c in continuations)
     offsets = torch.arange(generated).unsqueeze(1)  # [G, 1]
@@ -108,7 +103,7 @@ def _batch_entropies(model, prompts, continuations, num_loops: int) -> torch.Ten
         rows = positions[begin:begin + chunk]
         index = rows.unsqueeze(-1).expand(-1, -1, readouts[0].shape[-1])
         selected = [readout.gather(0, index) for readout in readouts]
-        logits = model.readout(selected, logit_loops=list(range(1, num_loops + 1))).logits
+        logits = model.logits(selected)  # [n, g, b, V/TP]
         logits = gather_from_tensor_model_parallel_region(logits).float()  # [n, g, b, V]
         log_probs = torch.log_softmax(logits, dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)  # [n, g, b]
@@ -120,12 +115,9 @@ def _batch_entropies(model, prompts, continuations, num_loops: int) -> torch.Ten
 # ----- one benchmark at one budget -----
 
 def evaluate_budget(name: str, problems: list[PromptRecord], prompts: list[list[int]], *, model,
-                    engine, prompter: ChatTokenizer, config: EvalConfig,
+                    engine, task: Task, prompter: ChatTokenizer, config: EvalConfig,
                     num_loops: int) -> tuple[dict, list[SampleRecord]]:
-    sampling = SamplingParams(
-        temperature=config.sampling.temperature, top_p=config.sampling.top_p,
-        top_k=config.sampling.top_k, max_new_tokens=config.sampling.max_new_tokens,
-        stop_token_ids=prompter.stop_token_ids, seed=config.sampling.seed)
+    sampling = config.sampling.params(prompter.stop_token_ids, config.sampling.seed)
     n = config.n_samples
     run = generate_samples(engine, prompts, num_loops, sampling, n)
     flat = [result for samples in run.completions for result in samples]
@@ -137,8 +129,7 @@ def evaluate_budget(name: str, problems: list[PromptRecord], prompts: list[list[
         correct = 0
         for index, result in enumerate(samples):
             response = prompter.decode(result.token_ids)
-            verdict = check_answer(config.answer_checker, response, problem.answer,
-                                   config.verify_timeout_s)
+            verdict = task.check(response, problem.answer)
             correct += verdict.correct
             records.append(SampleRecord(
                 benchmark=name, problem_id=problem.id, num_loops=num_loops, sample_index=index,
@@ -208,9 +199,10 @@ def prompts_that_fit(problems: list[PromptRecord], prompter: ChatTokenizer,
 def run_evaluation(config: EvalConfig, model, prompter: ChatTokenizer,
                    on_budget=None) -> tuple[dict, list[SampleRecord]]:
     """Every benchmark at every loop budget. ``on_budget(name, metrics)`` sees each result."""
-    from nemo_loop.generation.native import NativeLoopEngine
+    from nemo_loop.generation.backend import build_engine
 
-    engine = NativeLoopEngine(model, max_batch_size=config.generation_batch_size)
+    engine = build_engine(config.generation, model, max_batch_size=config.generation_batch_size)
+    task = build_task(config.task)
     summary, all_records = {}, []
     for spec in config.benchmark_specs():
         problems = load_prompt_set(spec, config.data_root)
@@ -223,7 +215,8 @@ def run_evaluation(config: EvalConfig, model, prompter: ChatTokenizer,
         budgets = {}
         for num_loops in config.budgets() if kept else []:
             metrics, records = evaluate_budget(spec.name, kept, prompts, model=model,
-                                               engine=engine, prompter=prompter, config=config,
+                                               engine=engine, task=task, prompter=prompter,
+                                               config=config,
                                                num_loops=num_loops)
             budgets[num_loops] = metrics
             all_records += records
@@ -237,6 +230,7 @@ def run_evaluation(config: EvalConfig, model, prompter: ChatTokenizer,
         summary[spec.name] = {"spec": asdict(spec), "num_problems_loaded": len(problems),
                               "skipped_prompt_too_long": skipped,
                               "budgets": {str(r): m for r, m in budgets.items()}}
+    engine.close()
     return summary, all_records
 
 
@@ -252,7 +246,7 @@ def evaluate(config: EvalConfig) -> dict:
         locate_checkpoint,
         stored_model_config,
     )
-    from nemo_loop.utils.distributed import ParallelLayout, initialize_model_parallel
+    from nemo_loop.utils.distributed import ParallelConfig, initialize_model_parallel
     from nemo_loop.utils.logging import is_logging_rank
 
     started = time.perf_counter()
@@ -263,11 +257,9 @@ def evaluate(config: EvalConfig) -> dict:
         log.info("model architecture from %s (the eval config's model section is ignored)",
                  source)
         config.validate()
-    initialize_model_parallel(ParallelLayout(config.tensor_parallel), seed=config.sampling.seed)
-    prompter = ChatTokenizer(config.prompt, config.data_root)
-    if prompter.vocab_size > config.model.vocab_size:
-        raise ValueError(f"tokenizer {prompter.tokenizer_file} has {prompter.vocab_size} ids but "
-                         f"model.vocab_size is {config.model.vocab_size}")
+    initialize_model_parallel(ParallelConfig(config.tensor_parallel), seed=config.sampling.seed)
+    prompter = build_task(config.task).tokenizer(config.data_root)
+    prompter.check_fits(config.model.vocab_size)
     model = build_eval_model(config.model, location, config.tensor_parallel)
     summary, records = run_evaluation(config, model, prompter)
     results = {
@@ -275,7 +267,7 @@ def evaluate(config: EvalConfig) -> dict:
         "checkpoint": checkpoint_identity(location, config.sampling.seed),
         "model": {"num_loops": config.model.num_loops, "name": config.model.name,
                   "vocab_size": config.model.vocab_size},
-        "tokenizer": str(prompter.tokenizer_file),
+        "tokenizer": prompter.source,
         "stop_token_ids": prompter.stop_token_ids,
         "loop_budgets": config.budgets(),
         "benchmarks": summary,

@@ -1,76 +1,56 @@
 """Build the model under evaluation: from a project checkpoint, or randomly initialised.
 
-Checkpoints are those of ``nemo_loop.checkpointing`` (megatron dist_checkpointing directories
-``<root>/step_NNNNNNN`` with a ``latest_checkpointed_step.txt`` marker in the root). Only the
-model's sharded tensors are read, so a training checkpoint (model + optimizer) and a model-only
-one load the same way, under any tensor-parallel layout. The model architecture comes from a
-YAML stored next to the checkpoint (``model_config.yaml``/``model.yaml``, or a run
-``config.yaml`` with a ``model:`` section) if there is one, else from the eval config's ``model``.
+``checkpoint`` may point anywhere inside a run: the run directory, its checkpoint root (the
+newest complete step, or ``checkpoint_step``), one step directory, a model-only ``model/``
+directory or a converter's output (:func:`nemo_loop.checkpointing.resolve_checkpoint`). The
+architecture always comes from the model config stored with the checkpoint — never from the
+eval config, which could describe a different model of the same shapes — and a checkpoint
+without one is an error naming the paths looked at. Only the model's sharded tensors are read,
+so training and model-only checkpoints load the same way, under any tensor-parallel layout.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from nemo_loop.models.looplm.config import LoopModelConfig
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_FILES = ("model_config.yaml", "model.yaml", "config.yaml")
 # Small files that pin down a dist_checkpointing directory: hashing them identifies the
 # checkpoint without reading gigabytes of shards.
-IDENTITY_FILES = (".metadata", "metadata.json", "common.pt", "trainer_state.json")
+IDENTITY_FILES = (".metadata", "metadata.json", "common.pt", "trainer_state.json",
+                  "checkpoint.json", "model_config.yaml")
 
 
 @dataclass
 class CheckpointLocation:
-    directory: Path | None  # the step directory holding the shards; None: random init
+    directory: Path | None  # the directory holding the weights; None: random init
     step: int | None
+    model_config: LoopModelConfig | None = None  # as stored with the checkpoint
+    config_file: Path | None = None
 
 
 def locate_checkpoint(path: str | None, step: int | None) -> CheckpointLocation:
     if path is None:
         return CheckpointLocation(None, None)
-    from nemo_loop.checkpointing import LATEST, latest_step
+    from nemo_loop.checkpointing import resolve_checkpoint
 
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
-    if (root / LATEST).is_file() or step is not None:
-        step = latest_step(root) if step is None else step
-        directory = root / f"step_{step:07d}"
-        if not directory.is_dir():
-            raise FileNotFoundError(f"checkpoint step directory {directory} does not exist")
-        return CheckpointLocation(directory, step)
-    trainer_state = root / "trainer_state.json"
-    if trainer_state.is_file():
-        step = json.loads(trainer_state.read_text()).get("step")
-    return CheckpointLocation(root, step)
+    resolved = resolve_checkpoint(path, step)
+    return CheckpointLocation(resolved.directory, resolved.step, resolved.model_config,
+                              resolved.config_file)
 
 
 def stored_model_config(location: CheckpointLocation) -> tuple[LoopModelConfig, Path] | None:
-    """The model config saved with the checkpoint (step directory first, then its root)."""
+    """The model config saved with the checkpoint and its file (None: random init)."""
     if location.directory is None:
         return None
-    for folder in (location.directory, location.directory.parent):
-        for name in MODEL_CONFIG_FILES:
-            candidate = folder / name
-            if not candidate.is_file():
-                continue
-            loaded = OmegaConf.load(candidate)
-            section = loaded.get("model") if name == "config.yaml" else loaded
-            if section is None or isinstance(section, str):
-                continue
-            merged = OmegaConf.merge(OmegaConf.structured(LoopModelConfig), section)
-            return OmegaConf.to_object(merged), candidate
-    return None
+    return location.model_config, location.config_file
 
 
 def checkpoint_identity(location: CheckpointLocation, init_seed: int) -> dict:
@@ -85,8 +65,9 @@ def checkpoint_identity(location: CheckpointLocation, init_seed: int) -> dict:
         if file.name in IDENTITY_FILES:
             digest.update(file.read_bytes())
     return {"path": str(location.directory.resolve()), "step": location.step,
-            "random_init": False, "sha256_metadata": digest.hexdigest(),
-            "num_files": len(listing), "total_bytes": sum(size for _, size in listing)}
+            "model_config_file": str(location.config_file), "random_init": False,
+            "sha256_metadata": digest.hexdigest(), "num_files": len(listing),
+            "total_bytes": sum(size for _, size in listing)}
 
 
 def build_eval_model(model_config: LoopModelConfig, location: CheckpointLocation,

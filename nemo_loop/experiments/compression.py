@@ -1,13 +1,15 @@
 """The embedded compression experiment: pretrain a LoopLM where loops matter, compress it.
 
-Phases, all in one run directory:
+Phases, all in one run directory (each a function a study runner can call on its own):
 
-1. ``pretrain/``: Ouro-style pretraining of a tiny LoopLM with R loops on the shell game
-   (:mod:`nemo_loop.data.shell_game`); the task's tokenizer and a model checkpoint land here.
-2. ``data/``: the LLOPSD training prompts (train split) and the held-out test problems.
-3. ``students/<name>/``: one LLOPSD run per entry of ``students`` (a loss configuration), each
-   starting from the pretrained checkpoint with R̃ student loops and the OPSD answer context.
-4. ``eval/<model>/``: the evaluation harness on the test split at loops 1..R, greedy.
+1. ``pretrain/``: Ouro-style pretraining of a tiny LoopLM with R loops on a synthetic task (the
+   shell game, :mod:`nemo_loop.tasks.shell_game`); the model checkpoint lands here.
+2. ``data/``: the training prompts (train split) and the held-out problems of
+   ``evaluation_split`` (test, or validation while choosing settings).
+3. ``students/<name>/``: one run per entry of ``students`` — a *method*: a registered algorithm
+   (:mod:`nemo_loop.algorithms.registry`) and overrides of its config — each starting from the
+   pretrained checkpoint with R̃ = ``student_loops``.
+4. ``eval/<model>/``: the evaluation harness on the held-out problems at loops 1..R, greedy.
 5. ``report.md``, ``accuracy_vs_loops.png``, ``experiment.json``: the table, plot, wall-clock.
 
 The test split is scored only in phase 4; pretraining monitors the validation split.
@@ -16,45 +18,57 @@ The test split is scored only in phase 4; pretraining monitors the validation sp
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from nemo_loop.algorithms.llopsd import LLOPSDConfig
 from nemo_loop.algorithms.pretrain import PretrainConfig
-from nemo_loop.data import shell_game
-from nemo_loop.data.prompts import PromptSetConfig
-from nemo_loop.data.shell_game import ShellGameConfig
-from nemo_loop.evaluation.benchmarks import BenchmarkSpec
+from nemo_loop.algorithms.registry import Algorithm, algorithm
+from nemo_loop.algorithms.training_run import checkpoint_root
+from nemo_loop.config import to_dict
+from nemo_loop.data.prompts import BenchmarkSpec, write_prompt_set
 from nemo_loop.evaluation.config import EvalConfig
-from nemo_loop.losses import LoopDistillConfig
 from nemo_loop.models.looplm.config import LoopModelConfig
+from nemo_loop.tasks import TaskConfig, build_task
 
 log = logging.getLogger(__name__)
 PRETRAINED = "pretrained"
 OUTPUTS = ("pretrain", "data", "students", "eval", "report.md", "accuracy_vs_loops.png",
            "experiment.json")
 BENCHMARK = "shell_game"
+DEFAULT_ALGORITHM = "llopsd"
+EVALUATION_SPLITS = ("test", "validation")
 
 
 @dataclass
 class CompressionExperimentConfig:
     output_dir: str = "runs/compression"
     model: LoopModelConfig = field(default_factory=LoopModelConfig)
-    data: ShellGameConfig = field(default_factory=ShellGameConfig)
-    train_prompts: int = 2048  # LLOPSD prompt set (distinct full-length train-split games)
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(name="shell_game"))
+    train_prompts: int = 2048  # the students' prompt set (distinct full-length train-split games)
     test_problems: int = 512  # distinct held-out games scored for every model at every loop
-    # Phase settings. Their model, data, prompt, paths and answer checker come from this
-    # experiment, and the teacher context is OPSD in the task's words (``hint <answer>``: the
-    # task vocabulary has no words for the other contexts); whatever a phase says there is
-    # replaced.
+    # The split the evaluation scores: test for results, validation while choosing settings.
+    evaluation_split: str = "test"
+    student_loops: int = 2  # R̃ of every student
+    # Set: replaces the seed fields of every phase — pretraining init and data order, each
+    # student's prompt order and rollouts (a study's seed). None: each phase's own seeds.
+    seed: int | None = None
+    # Phase settings. Their model, task, prompt sets, R̃, seeds and paths come from this
+    # experiment; a phase section that sets one of them is an error.
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    compression: LLOPSDConfig = field(default_factory=LLOPSDConfig)
-    # One compression run per entry: name → loss (φ, α, D). Everything else is shared.
-    students: dict[str, LoopDistillConfig] = field(default_factory=dict)
+    # Per registered algorithm: its settings shared by every student that uses it, nested as
+    # in the algorithm's own YAML (e.g. compression.llopsd.optim.lr).
+    compression: dict[str, Any] = field(default_factory=dict)
+    # One run per entry: name → {algorithm: <registered name, default llopsd>, <overrides of
+    # that algorithm's config, nested>}.
+    students: dict[str, Any] = field(default_factory=dict)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -62,55 +76,143 @@ class CompressionExperimentConfig:
         return Path(self.output_dir)
 
     def validate(self) -> None:
-        self.data.validate()
+        if self.evaluation_split not in EVALUATION_SPLITS:
+            raise ValueError(f"evaluation_split must be one of {EVALUATION_SPLITS}, got "
+                             f"{self.evaluation_split!r}")
         self.pretrain_config().validate()
         if self.train_prompts < 1:
             raise ValueError("train_prompts must be >= 1")
-        shell_game.check_count(self.data, "train", self.train_prompts)
+        task = build_task(self.task)
+        task.check_count("train", self.train_prompts)
+        task.check_count(self.evaluation_split, self.test_problems)
+        if not 1 <= self.student_loops <= self.model.num_loops:
+            raise ValueError(f"student_loops (R̃={self.student_loops}) must be in [1, "
+                             f"model.num_loops (R={self.model.num_loops})]")
+        for name in self.compression:
+            algorithm(name)  # names the registered ones
         if not self.students:
             raise ValueError("students is empty: name at least one compression run")
-        for name in self.students:
-            if name == PRETRAINED or not name.replace("_", "").isalnum():
-                raise ValueError(f"student name {name!r} must be alphanumeric/underscores and "
-                                 f"not {PRETRAINED!r}")
+        for name, method in self.students.items():
+            if name == PRETRAINED or not re.fullmatch(r"[\w.+=-]+", name):
+                raise ValueError(f"student name {name!r} must be letters, digits and _ . + = - "
+                                 f"(a directory name), and not {PRETRAINED!r}")
+            if method is not None and not isinstance(method, dict):
+                raise ValueError(f"students.{name} must be a mapping {{algorithm: ..., "
+                                 f"<overrides of its config>}}, got {method!r}")
         # The phases' remaining checks need files the earlier phases write; run them on stand-ins
         # so that a bad setting fails now, not after pretraining.
         for name in self.students:
             self.student_config(name).validate(check_paths=False)
-        self.eval_config(PRETRAINED, None).validate(check_paths=False)
+        self.eval_config(PRETRAINED).validate(check_paths=False)
 
     # ----- the phase configs, with everything the experiment decides filled in -----
 
     def pretrain_config(self) -> PretrainConfig:
-        return replace(self.pretrain, model=self.model, data=self.data,
+        trainer = self.pretrain.trainer
+        if self.seed is not None:
+            trainer = replace(trainer, seed=self.seed, data_seed=self.seed)
+        return replace(self.pretrain, model=self.model, task=self.task, trainer=trainer,
                        test_problems=self.test_problems,
                        output_dir=str(self.root / "pretrain"))
 
-    def tokenizer_dir(self) -> Path:
-        return self.root / "pretrain" / "tokenizer"
+    def student_algorithm(self, name: str) -> Algorithm:
+        return algorithm((self.students[name] or {}).get("algorithm", DEFAULT_ALGORITHM))
 
-    def student_config(self, name: str) -> LLOPSDConfig:
-        base = self.compression
-        context = replace(base.teacher.context, kind="opsd",
-                          answer_template=shell_game.HINT_TEMPLATE)
-        return replace(
-            base, model=self.model, loss=self.students[name],
-            teacher=replace(base.teacher, context=context),
-            data=PromptSetConfig(path=str((self.root / "data" / "train.jsonl").resolve()),
-                                 id_field="id"),
-            prompt=shell_game.chat_config(self.tokenizer_dir()), answer_checker="exact",
-            trainer=replace(base.trainer,
-                            init_from=str((self.root / "pretrain" / "model").resolve())),
-            output_dir=str(self.root / "students" / name))
+    def student_config(self, name: str):
+        """The student's algorithm config: schema defaults ← ``compression.<algorithm>`` ←
+        the student's overrides ← what the experiment decides."""
+        method = algorithm_settings(self.students[name])
+        chosen = self.student_algorithm(name)
+        shared = self.compression.get(chosen.name) or {}
+        refuse_decided_keys(chosen, shared, f"compression.{chosen.name}")
+        refuse_decided_keys(chosen, method, f"students.{name}")
+        decided = {"model": to_dict(self.model), "task": to_dict(self.task),
+                   "output_dir": str(self.root / "students" / name),
+                   "trainer.init_from": str((self.root / "pretrain" / "model").resolve())}
+        if chosen.prompts_key:
+            decided[chosen.prompts_key] = {"path": str(self.prompt_set_path("train").resolve()),
+                                           "id_field": "id"}
+        if chosen.student_loops_key:
+            decided[chosen.student_loops_key] = self.student_loops
+        if self.seed is not None:
+            decided.update({key: self.seed for key in chosen.seed_keys})
+        return build_algorithm_config(chosen, [shared, method, dotted(decided)],
+                                      f"students.{name}")
 
-    def eval_config(self, model_name: str, checkpoint: Path | None) -> EvalConfig:
-        test = BenchmarkSpec(name=BENCHMARK, path=str((self.root / "data" / "test.jsonl")
-                                                      .resolve()), id_field="id")
+    def prompt_set_path(self, split: str) -> Path:
+        return self.root / "data" / f"{split}.jsonl"
+
+    def model_checkpoint(self, model_name: str) -> Path:
+        if model_name == PRETRAINED:
+            return self.root / "pretrain" / "model"
+        return checkpoint_root(self.student_config(model_name))
+
+    def evaluated_loops(self, model_name: str) -> int | None:
+        """R̃ a model was trained for (None: the pretrained model, or an algorithm that trains
+        all loops)."""
+        if model_name == PRETRAINED or not self.student_algorithm(model_name).student_loops_key:
+            return None
+        return self.student_loops
+
+    def eval_config(self, model_name: str) -> EvalConfig:
+        split = self.evaluation_split
+        held_out = BenchmarkSpec(name=BENCHMARK, path=str(self.prompt_set_path(split).resolve()),
+                                 id_field="id")
         return replace(self.evaluation, model=self.model,
-                       checkpoint=None if checkpoint is None else str(checkpoint),
-                       benchmarks=[], custom=test, prompt=shell_game.chat_config(
-                           self.tokenizer_dir()), answer_checker="exact",
+                       checkpoint=str(self.model_checkpoint(model_name)), benchmarks=[],
+                       custom=held_out, task=self.task,
                        output_dir=str(self.root / "eval" / model_name))
+
+
+# ----- methods: an algorithm name + overrides of its config -----
+
+def algorithm_settings(method: dict) -> dict:
+    """A student entry without its ``algorithm`` key: the overrides of the algorithm's config."""
+    return {key: value for key, value in (method or {}).items() if key != "algorithm"}
+
+
+def dotted(values: dict) -> dict:
+    """``{"a.b": 1}`` → ``{"a": {"b": 1}}`` (for merging dotted keys into nested configs)."""
+    nested: dict = {}
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        target = nested
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = value
+    return nested
+
+
+def flat_keys(values, prefix: str = "") -> list[str]:
+    """Every leaf key of a nested dict, dotted."""
+    if not isinstance(values, dict) or not values:
+        return [prefix] if prefix else []
+    return [key for name, value in values.items()
+            for key in flat_keys(value, f"{prefix}.{name}" if prefix else str(name))]
+
+
+def refuse_decided_keys(chosen: Algorithm, settings: dict, where: str) -> None:
+    for key in flat_keys(settings):
+        for decided in chosen.decided_keys():
+            if key == decided or key.startswith(decided + "."):
+                raise ValueError(f"{where} sets {key!r}, which the experiment decides for every "
+                                 f"student (model, task, prompt set, student_loops, initial "
+                                 f"weights, output_dir); set it on the experiment")
+
+
+def build_algorithm_config(chosen: Algorithm, layers: list[dict], where: str):
+    """Schema defaults ← ``layers``; an unknown key or a wrong type is an error naming it."""
+    schema = chosen.config_class()
+    try:
+        merged = OmegaConf.structured(schema)
+        for layer in layers:
+            merged = OmegaConf.merge(merged, OmegaConf.create(layer))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"{where}: invalid {schema.__name__} (algorithm {chosen.name!r})"
+                         + (f" at {key!r}" if key else "") + f": {reason}") from None
 
 
 # ----- running it -----
@@ -130,34 +232,50 @@ class PhaseClock:
         return result
 
 
+def pretrain_phase(config: CompressionExperimentConfig) -> list[dict]:
+    from nemo_loop.algorithms import pretrain
+
+    return pretrain.pretrain(config.pretrain_config())
+
+
+def train_student(config: CompressionExperimentConfig, name: str) -> Path:
+    """Train the student ``name`` (resuming when its trainer says so); its checkpoint root."""
+    student = config.student_config(name)
+    config.student_algorithm(name).train_function()(student)
+    return checkpoint_root(student)
+
+
+def evaluate_model(config: CompressionExperimentConfig, name: str) -> list[float]:
+    """The harness on the held-out problems at loops 1..R; greedy accuracy per loop."""
+    from nemo_loop.evaluation.harness import evaluate
+
+    return accuracy_per_loop(evaluate(config.eval_config(name)))
+
+
 def run_experiment(config: CompressionExperimentConfig) -> dict:
     """All phases; returns what ``experiment.json`` holds (rank 0 writes the files)."""
-    from nemo_loop.algorithms import llopsd, pretrain
-    from nemo_loop.evaluation.answers import verifier_for
-    from nemo_loop.evaluation.harness import evaluate
     from nemo_loop.experiments import report
 
     started = time.perf_counter()
     clear_previous_outputs(config.root)
     clock = PhaseClock()
-    pretrain_history = clock.run("pretrain", pretrain.pretrain, config.pretrain_config())
+    pretrain_history = clock.run("pretrain", pretrain_phase, config)
     clock.run("write prompt sets", write_prompt_sets, config)
-    checkpoints = {PRETRAINED: config.root / "pretrain" / "model"}
     for name in config.students:
-        student = config.student_config(name)
-        clock.run(f"compress: {name}", llopsd.train, student, verifier_for("exact"))
-        checkpoints[name] = student.checkpoint_root()
-    accuracies = {}
-    for name, checkpoint in checkpoints.items():
-        results = clock.run(f"evaluate: {name}", evaluate, config.eval_config(name, checkpoint))
-        accuracies[name] = accuracy_per_loop(results)
+        clock.run(f"compress: {name}", train_student, config, name)
+    accuracies = {name: clock.run(f"evaluate: {name}", evaluate_model, config, name)
+                  for name in [PRETRAINED, *config.students]}
     summary = {
-        "config": _config_dict(config),
+        "config": to_dict(config),
+        "students": {name: {"algorithm": config.student_algorithm(name).name,
+                            "config": to_dict(config.student_config(name))}
+                     for name in config.students},
         "accuracy_per_loop": accuracies,
         "pretrain_final": pretrain_history[-1],
-        "student_loops": config.compression.rollout.student_loops,
+        "student_loops": config.student_loops,
         "num_loops": config.model.num_loops,
         "test_problems": config.test_problems,
+        "evaluation_split": config.evaluation_split,
         "phase_seconds": clock.seconds,
     }
     summary["phase_seconds"]["total"] = time.perf_counter() - started
@@ -181,11 +299,11 @@ def clear_previous_outputs(root: Path) -> None:
 
 def write_prompt_sets(config: CompressionExperimentConfig) -> None:
     if torch.distributed.get_rank() == 0:
-        data_dir = config.root / "data"
-        shell_game.write_prompt_set(data_dir / "train.jsonl", shell_game.problems(
-            config.data, "train", config.train_prompts))
-        shell_game.write_prompt_set(data_dir / "test.jsonl", shell_game.problems(
-            config.data, "test", config.test_problems))
+        task, split = build_task(config.task), config.evaluation_split
+        write_prompt_set(config.prompt_set_path("train"), task.heldout_problems(
+            "train", config.train_prompts))
+        write_prompt_set(config.prompt_set_path(split), task.heldout_problems(
+            split, config.test_problems))
     torch.distributed.barrier()
 
 
@@ -194,8 +312,3 @@ def accuracy_per_loop(results: dict) -> list[float]:
     budgets = results["benchmarks"][BENCHMARK]["budgets"]
     return [budgets[key]["avg@n"] for key in sorted(budgets, key=int)]
 
-
-def _config_dict(config: CompressionExperimentConfig) -> dict:
-    from nemo_loop.config import to_dict
-
-    return to_dict(config)

@@ -62,26 +62,37 @@ def phase_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def describe_student(name: str, student: dict) -> str:
+    """One line: the algorithm, its steps and batch, and for LLOPSD the loss and teacher."""
+    config, algorithm = student["config"], student["algorithm"]
+    trainer = config["trainer"]
+    batch = trainer.get("prompts_per_step", trainer.get("examples_per_step"))
+    line = f"- `{name}`: {algorithm}, {trainer['max_steps']} steps × {batch} prompts"
+    if algorithm == "llopsd":
+        loss, teacher = config["loss"], config["teacher"]
+        line += (f"; mapping {loss['mapping']}, weighting {loss['weighting']}, divergence "
+                 f"{loss['divergence']}; teacher: the {teacher['mode']} model at R loops, "
+                 f"context {teacher['context']['kind']}")
+    return line
+
+
 def markdown(summary: dict) -> str:
-    task = summary["config"]["data"]
-    compression = summary["config"]["compression"]
+    task = summary["config"]["task"]["shell_game"]
     model = summary["config"]["model"]
-    students = "\n".join(
-        f"- `{name}`: mapping {loss['mapping']}, weighting {loss['weighting']}, divergence "
-        f"{loss['divergence']}" for name, loss in summary["config"]["students"].items())
+    split = summary.get("evaluation_split", "test")
+    students = "\n".join(describe_student(name, student)
+                         for name, student in summary["students"].items())
     return "\n".join([
         "# Loop compression on the shell game", "",
-        f"Task: {task['num_cups']} cups, {task['num_swaps']} swaps per test game (training "
+        f"Task: {task['num_cups']} cups, {task['num_swaps']} swaps per held-out game (training "
         f"games: {task['min_swaps']}–{task['num_swaps']} swaps); "
-        f"{summary['test_problems']} held-out test games, greedy decoding, exact match.  ",
+        f"{summary['test_problems']} held-out {split} games, greedy decoding, exact match.  ",
         f"Model: {model['num_layers']} shared layers × R = {model['num_loops']} loops, hidden "
         f"{model['hidden_size']}; pretrained with Ouro's loss for "
         f"{summary['config']['pretrain']['trainer']['max_steps']} steps.  ",
-        f"Compression: {compression['trainer']['max_steps']} LLOPSD steps × "
-        f"{compression['trainer']['prompts_per_step']} prompts from the pretrained checkpoint, "
-        f"R̃ = {summary['student_loops']}, teacher = the {compression['teacher']['mode']} model "
-        f"at R = {model['num_loops']} loops with the answer as context (OPSD):", students, "",
-        "## Test accuracy per loop count", "", accuracy_table(summary), "",
+        f"Compression from the pretrained checkpoint to R̃ = {summary['student_loops']}:",
+        students, "",
+        f"## {split.capitalize()} accuracy per loop count", "", accuracy_table(summary), "",
         f"![accuracy vs loops]({PLOT_PNG})", "", verdict(summary), "",
         "## Wall-clock", "", phase_table(summary), ""])
 

@@ -68,6 +68,26 @@ class SamplingParams:
 
 
 @dataclass
+class SamplingConfig:
+    """The sampling section of a config (``rollout:``, ``sampling:``); :meth:`params` is the one
+    place a config becomes :class:`SamplingParams`."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+
+    def params(self, stop_token_ids: Sequence[int] = (), seed: int | None = None
+               ) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens,
+                              stop_token_ids=tuple(stop_token_ids), seed=seed)
+
+    def validate(self) -> None:
+        self.params()
+
+
+@dataclass
 class GenerationResult:
     """One prompt's continuation. A stop token that ended it is the last of ``token_ids``."""
 
@@ -105,6 +125,9 @@ class GenerationEngine(ABC):
     @abstractmethod
     def refit(self, source: torch.nn.Module | Mapping[str, torch.Tensor]) -> RefitReport:
         """Make the engine generate with ``source``'s current weights."""
+
+    def close(self) -> None:
+        """Release what the engine holds beyond the model (vLLM: its KV cache and workers)."""
 
 
 def validate_prompts(prompts: list[list[int]], vocab_size: int,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.utils import unwrap_model
 
 from nemo_loop.generation.engine import (
     GenerationEngine,
@@ -141,19 +142,16 @@ class NativeLoopEngine(GenerationEngine):
                            cache, rotary_table: torch.Tensor | None) -> torch.Tensor:
         """Feed slots [start, end) of the active rows; full-vocabulary fp32 logits [b, V] of the
         final loop at the last slot."""
-        model = self.model
-        hidden = model.embed(batch.tokens[:, start:end], batch.positions(start, end))
-        attention_mask = batch.attention_mask(start, end)
-        if cache is None:
-            rotary = model.rotary_embedding(end - start)
-        else:
-            rotary = cache.rotary_for(rotary_table, start, end)
-        for loop in range(num_loops):
-            context = cache.context_for(loop) if cache is not None else None
-            hidden = model.run_shared_layers(hidden, attention_mask, rotary, context)
+        loops = self.model.run_loops(
+            batch.tokens[:, start:end], num_loops, position_ids=batch.positions(start, end),
+            attention_mask=batch.attention_mask(start, end),
+            rotary_pos_emb=None if cache is None else cache.rotary_for(rotary_table, start, end),
+            inference_context_for=None if cache is None else cache.context_for)
+        for readout in loops:  # only the final loop is sampled from; earlier ones are dropped
+            pass
         # Only the last position is sampled from: the head (often the largest matmul of a step)
-        # sees one token per row. readout() is the model's own head path (tied weights etc.).
-        logits = model.readout([hidden[-1:]], logit_loops=[1]).logits[0, 0]  # [b, V/TP]
+        # sees one token per row.
+        logits = self.model.logits([readout[-1:]])[0, 0]  # [b, V/TP]
         return gather_from_tensor_model_parallel_region(logits).float()
 
 
@@ -285,14 +283,6 @@ class _Batch:
 
 
 # ----- model plumbing -----
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip megatron's DDP / Float16Module wrappers (they hold the model as ``.module``)."""
-    while not isinstance(model, LoopGPTModel) and isinstance(
-            getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
-
 
 def _check_supported(model: torch.nn.Module) -> LoopGPTModel:
     if not isinstance(model, LoopGPTModel):

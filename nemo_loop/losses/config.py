@@ -17,6 +17,10 @@ from nemo_loop.losses.loop_mapping import (
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TOP_K_MODES = ("tail", "renormalize")
 REDUCTIONS = ("sequence_mean", "token_mean")
+NONFINITE_POLICIES = ("error", "skip")
+# "full": the divergence between the loops' whole next-token distributions (or their top-K);
+# "sampled_token": OPSD's one-sample objective on the tokens the student sampled.
+OBJECTIVES = ("full", "sampled_token")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,16 @@ class LoopDistillConfig:
         ``chunk_size × vocab/TP``. ``None`` processes all tokens of one loop at once.
     reduction: ``"sequence_mean"`` averages each sequence's per-token mean over the sequences that
         have response tokens; ``"token_mean"`` averages over all response tokens of the batch.
+    nonfinite: what a NaN or ±inf logit (student or teacher) at a response token does.
+        ``"error"`` raises naming the side, the loop and the token count; ``"skip"`` leaves those
+        tokens out of the loss as if ``loss_mask`` were 0 there (the normalizers shrink with
+        them) and reports their number in the ``nonfinite_tokens`` metric. Skipping costs one
+        extra pass over the logits (on the fused head, one extra output-layer matmul).
+    objective: which loss an algorithm calls with this config. ``"full"``: the divergence over
+        the whole vocabulary (:func:`cross_loop_distillation_loss`, its fused-head form);
+        ``"sampled_token"``: OPSD's sampled-token objective
+        (:func:`sampled_token_distillation_loss`), which needs the sampled tokens and ignores
+        ``divergence``/``beta``/``top_k`` (setting ``top_k`` with it is an error).
     """
 
     divergence: str = "forward_kl"
@@ -50,6 +64,8 @@ class LoopDistillConfig:
     top_k_mode: str = "tail"
     chunk_size: int | None = 1024
     reduction: str = "sequence_mean"
+    nonfinite: str = "error"
+    objective: str = "full"
 
     @classmethod
     def terminal_only(cls, **overrides) -> LoopDistillConfig:
@@ -83,6 +99,15 @@ class LoopDistillConfig:
                              f"{self.chunk_size!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {self.reduction!r}; expected one of {REDUCTIONS}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"unknown nonfinite policy {self.nonfinite!r}; expected one of "
+                             f"{NONFINITE_POLICIES}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown loss objective {self.objective!r}; expected one of "
+                             f"{OBJECTIVES}")
+        if self.objective == "sampled_token" and self.top_k is not None:
+            raise ValueError("top_k does not apply to objective 'sampled_token' (it scores only "
+                             "the sampled token); unset top_k or use objective 'full'")
         if student_loops is not None and teacher_loops is not None:
             self.teacher_loop_for_each_student_loop(student_loops, teacher_loops)
         if student_loops is not None and self.weighting != "adaptive":

@@ -10,7 +10,12 @@ tensor-parallel group. The teacher is a constant (stop-gradient), and so is the 
 Memory: one autograd function runs the whole loss token chunk by token chunk and writes the
 gradient of each chunk as it goes (it depends only on the chunk plus per-token scalars), so the
 only full-size tensor it keeps is the gradient itself; nothing else of size [R̃, T, V] is saved.
-Backward only scales that gradient by the incoming scalar.
+Backward only scales that gradient by the incoming scalar. Either side may come as readouts plus
+its output weight instead of logits; its logits then exist one token chunk at a time.
+
+Non-finite logits at response tokens are caught where each chunk's logits are formed (for the
+fused head, right after its matmul) and raise, or with ``nonfinite="skip"`` are found by a first
+pass and left out of the loss; see :mod:`nemo_loop.losses.input_guards`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,17 @@ import torch
 import torch.distributed as dist
 
 from nemo_loop.losses.config import LoopDistillConfig
+from nemo_loop.losses.input_guards import (
+    STUDENT,
+    TEACHER,
+    check_token_ids,
+    describe_nonfinite,
+    flagged_tokens,
+    has_nonfinite,
+    nonfinite_error,
+    nonfinite_token_flags,
+    reduce_flags,
+)
 from nemo_loop.losses.loop_mapping import adaptive_loop_weights
 from nemo_loop.losses.vocab_parallel import (
     ChunkResult,
@@ -52,6 +68,9 @@ class _Plan:
     shard: VocabShard
     compute_dtype: torch.dtype
     token_ids: torch.Tensor | None  # flattened [s·b] sampled tokens, sampled-token objective only
+    teacher_loop_of: list[int]  # 1-based φ(r), for error messages
+    # [V/TP, h_T]: the teacher tensor holds readouts and its logits are formed chunk by chunk
+    teacher_weight: torch.Tensor | None = None
 
 
 def _take_rows(matrix: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
@@ -63,6 +82,38 @@ def _put_rows(matrix: torch.Tensor, rows: slice | torch.Tensor, values: torch.Te
         matrix[rows] = values
     else:
         matrix.index_copy_(0, rows, values.to(matrix.dtype))
+
+
+def _chunk_logits(student, output_weight, teacher, r: int, chunk: _Chunk, plan: _Plan):
+    """(student rows, z_S, z_T) of one chunk of student loop r, in the compute dtype."""
+    rows = _take_rows(student[r], chunk.rows)
+    z_s = (rows if output_weight is None else rows @ output_weight.t()).to(plan.compute_dtype)
+    teacher_rows = _take_rows(teacher[plan.teacher_index[r]], chunk.rows)
+    if plan.teacher_weight is not None:
+        teacher_rows = teacher_rows @ plan.teacher_weight.t()
+    return rows, z_s, teacher_rows.to(plan.compute_dtype)
+
+
+def _flag_chunk(flags: torch.Tensor, r: int, chunk: _Chunk, z_s, z_t) -> None:
+    flags[STUDENT, r, chunk.first:chunk.end] = has_nonfinite(z_s)
+    flags[TEACHER, r, chunk.first:chunk.end] = has_nonfinite(z_t)
+
+
+def _raise_on_nonfinite(flags: torch.Tensor, plan: _Plan) -> None:
+    description = describe_nonfinite(reduce_flags(flags, plan.shard), plan.teacher_loop_of)
+    if description is not None:
+        raise nonfinite_error(description)
+
+
+@torch.no_grad()
+def _find_nonfinite(student, output_weight, teacher, plan: _Plan) -> torch.Tensor:
+    """``[2, R̃, N]`` flags of every response token, before any token is weighted (skip mode)."""
+    flags = nonfinite_token_flags(student.shape[0], plan.token_weights.numel(), student.device)
+    for r in range(student.shape[0]):
+        for chunk in plan.chunks:
+            _, z_s, z_t = _chunk_logits(student, output_weight, teacher, r, chunk, plan)
+            _flag_chunk(flags, r, chunk, z_s, z_t)
+    return reduce_flags(flags, plan.shard)
 
 
 def _run_kernel(z_s, z_t, chunk: _Chunk, plan: _Plan) -> ChunkResult:
@@ -79,6 +130,7 @@ class _LoopDistillation(torch.autograd.Function):
 
     ``student`` is either logits ``[R̃, T, V/TP]`` or, with ``output_weight`` ``[V/TP, h]``,
     hidden states ``[R̃, T, h]`` whose logits are formed chunk by chunk and never stored whole.
+    ``teacher`` likewise: logits, or readouts with ``plan.teacher_weight`` (no gradient).
     """
 
     @staticmethod
@@ -92,13 +144,13 @@ class _LoopDistillation(torch.autograd.Function):
         grad_student = torch.zeros_like(student) if want_grad else None
         weight_grads = _WeightGradAccumulator(output_weight, plan, dtype) \
             if fused and want_grad else None
+        flags = nonfinite_token_flags(student_loops, plan.token_weights.numel(), student.device)
 
         for r in range(student_loops):
             scale = plan.spec.inv_tau * (1.0 if plan.fixed_alpha is None else plan.fixed_alpha[r])
             for chunk in plan.chunks:
-                rows = _take_rows(student[r], chunk.rows)
-                z_s = (rows @ output_weight.t() if fused else rows).to(dtype)
-                z_t = _take_rows(teacher[plan.teacher_index[r]], chunk.rows).to(dtype)
+                rows, z_s, z_t = _chunk_logits(student, output_weight, teacher, r, chunk, plan)
+                _flag_chunk(flags, r, chunk, z_s, z_t)
                 result = _run_kernel(z_s, z_t, chunk, plan)
                 w = plan.token_weights[chunk.first:chunk.end]
                 per_loop[:, r] += torch.stack([result.loss, result.divergence,
@@ -106,15 +158,24 @@ class _LoopDistillation(torch.autograd.Function):
                                                result.teacher_entropy]) @ w
                 if not want_grad:
                     continue
-                grad_logits = result.grad.mul_((w * scale)[:, None])
+                token_scale = (w * scale)[:, None]
                 if fused:
-                    _put_rows(grad_student[r], chunk.rows,
-                              (grad_logits.to(output_weight.dtype) @ output_weight))
-                    weight_grads.add(grad_logits, rows)
+                    # both products in the head's dtype, as megatron's linear layers do; the
+                    # scaling writes straight into that dtype (one pass), the weight gradient
+                    # is summed in the compute dtype
+                    head_grad = result.grad.mul_(token_scale) \
+                        if result.grad.dtype == output_weight.dtype \
+                        else torch.mul(result.grad, token_scale, out=torch.empty_like(
+                            result.grad, dtype=output_weight.dtype))
+                    _put_rows(grad_student[r], chunk.rows, head_grad @ output_weight)
+                    weight_grads.add(head_grad, rows)
                 else:
-                    _put_rows(grad_student[r], chunk.rows, grad_logits)
+                    _put_rows(grad_student[r], chunk.rows, result.grad.mul_(token_scale))
             if weight_grads is not None:
                 weight_grads.end_loop(per_loop[1, r])
+        # After the pass, so one collective covers every chunk; NaNs only flowed into values
+        # that are now discarded. In skip mode the first pass already removed these tokens.
+        _raise_on_nonfinite(flags, plan)
 
         alpha = plan.fixed_alpha if plan.fixed_alpha is not None \
             else adaptive_loop_weights(per_loop[1])
@@ -157,7 +218,11 @@ class _WeightGradAccumulator:
             self.loops = 0
 
     def add(self, grad_logits: torch.Tensor, hidden_rows: torch.Tensor) -> None:
-        self.current.addmm_(grad_logits.t(), hidden_rows.to(self.dtype))
+        """``grad_logits`` [C, V/TP] and ``hidden_rows`` [C, h], both in the head's dtype."""
+        if grad_logits.dtype == self.dtype:
+            self.current.addmm_(grad_logits.t(), hidden_rows)
+        else:  # a bf16/fp16 GEMM (several times faster on CPU and GPU), fp32 accumulation
+            self.current.add_(grad_logits.t() @ hidden_rows)
 
     def end_loop(self, divergence: torch.Tensor) -> None:
         if not self.adaptive:
@@ -221,18 +286,23 @@ def _token_chunks(index: torch.Tensor, chunk_size: int | None) -> list[_Chunk]:
     return chunks
 
 
-def _check_shapes(student: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor,
-                  local_vocab: int) -> None:
-    if teacher_logits.dim() != 4 or student.dim() != 4:
+def _check_shapes(student: torch.Tensor, teacher: torch.Tensor, loss_mask: torch.Tensor,
+                  local_vocab: int, teacher_weight: torch.Tensor | None) -> None:
+    if teacher.dim() != 4 or student.dim() != 4:
         raise ValueError("student and teacher tensors must be [n_loops, seq, batch, ·], got "
-                         f"{tuple(student.shape)} and {tuple(teacher_logits.shape)}")
-    if teacher_logits.shape[1:3] != student.shape[1:3] or loss_mask.shape != student.shape[1:3]:
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if teacher.shape[1:3] != student.shape[1:3] or loss_mask.shape != student.shape[1:3]:
         raise ValueError(f"[seq, batch] must agree: student {tuple(student.shape[1:3])}, teacher "
-                         f"{tuple(teacher_logits.shape[1:3])}, loss_mask "
+                         f"{tuple(teacher.shape[1:3])}, loss_mask "
                          f"{tuple(loss_mask.shape)}")
-    if teacher_logits.shape[3] != local_vocab:
-        raise ValueError(f"teacher vocab shard has {teacher_logits.shape[3]} entries, the student "
-                         f"{local_vocab}")
+    if teacher_weight is None:
+        if teacher.shape[3] != local_vocab:
+            raise ValueError(f"teacher vocab shard has {teacher.shape[3]} entries, the student "
+                             f"{local_vocab}")
+    elif teacher_weight.dim() != 2 or teacher_weight.shape != (local_vocab, teacher.shape[3]):
+        raise ValueError(f"teacher_output_weight must be [V/TP={local_vocab}, h={teacher.shape[3]}]"
+                         f" (the student's vocab shard × the teacher readouts' width), got "
+                         f"{tuple(teacher_weight.shape)}")
 
 
 def _teacher_rows(teacher_logits: torch.Tensor, teacher_loop_ids, num_teacher_loops):
@@ -267,11 +337,21 @@ def run_distillation(student: torch.Tensor, output_weight: torch.Tensor | None,
                      config: LoopDistillConfig, tp_group: dist.ProcessGroup | None,
                      token_ids: torch.Tensor | None = None, num_sequences: int | None = None,
                      num_tokens: int | None = None, teacher_loop_ids=None,
-                     num_teacher_loops: int | None = None
+                     num_teacher_loops: int | None = None,
+                     token_weights: torch.Tensor | None = None,
+                     teacher_output_weight: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Shared entry of the logits, fused-head and sampled-token losses."""
+    """Shared entry of the logits, fused-head and sampled-token losses.
+
+    With ``teacher_output_weight`` ``[V/TP, h]``, ``teacher_logits`` holds the teacher's readouts
+    ``[n, seq, batch, h]`` instead, and teacher logits exist one chunk at a time.
+
+    ``token_weights`` ``[seq, batch]``, if given, replaces the reduction's per-token normaliser:
+    each response token counts with its own weight, which may be negative (OISD weights the
+    divergence by a clipped advantage). Metrics are weighted the same way.
+    """
     local_vocab = student.shape[-1] if output_weight is None else output_weight.shape[0]
-    _check_shapes(student, teacher_logits, loss_mask, local_vocab)
+    _check_shapes(student, teacher_logits, loss_mask, local_vocab, teacher_output_weight)
     student_loops = student.shape[0]
     teacher_loops, teacher_rows = _teacher_rows(teacher_logits, teacher_loop_ids,
                                                 num_teacher_loops)
@@ -281,11 +361,24 @@ def run_distillation(student: torch.Tensor, output_weight: torch.Tensor | None,
         if config.top_k > shard_vocab:
             raise ValueError(f"top_k={config.top_k} exceeds the vocabulary size {shard_vocab}")
     compute_dtype = torch.promote_types(student.dtype, torch.float32)
-    index, weights = response_token_weights(loss_mask, config.reduction, num_sequences,
-                                            num_tokens)
+    shard = VocabShard.from_group(tp_group, local_vocab)
+    if token_ids is not None:
+        check_token_ids(token_ids, loss_mask, local_vocab, shard)
     mapping = config.teacher_loop_for_each_student_loop(student_loops, teacher_loops)
     fixed_alpha = None if config.weighting == "adaptive" \
         else config.fixed_loop_weights(student_loops).to(compute_dtype)
+    if token_weights is not None and token_weights.shape != loss_mask.shape:
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must match loss_mask "
+                         f"{tuple(loss_mask.shape)}")
+
+    def weights_of(mask):
+        index, weights = response_token_weights(mask, config.reduction, num_sequences,
+                                                num_tokens)
+        if token_weights is not None:
+            weights = token_weights.reshape(-1)[index.to(token_weights.device)].double()
+        return index, weights
+
+    index, weights = weights_of(loss_mask)
     plan = _Plan(
         chunks=_token_chunks(index, config.chunk_size),
         token_weights=weights.to(device=student.device, dtype=compute_dtype),
@@ -293,15 +386,32 @@ def run_distillation(student: torch.Tensor, output_weight: torch.Tensor | None,
         fixed_alpha=None if fixed_alpha is None else fixed_alpha.to(student.device),
         spec=KernelSpec(config.divergence, config.beta, 1.0 / config.temperature,
                         config.top_k, config.top_k_mode),
-        shard=VocabShard.from_group(tp_group, local_vocab),
+        shard=shard,
         compute_dtype=compute_dtype,
         token_ids=None if token_ids is None else token_ids.reshape(-1).long(),
+        teacher_loop_of=mapping,
+        # the teacher is a constant even when it is the student's own head (teacher mode "same")
+        teacher_weight=None if teacher_output_weight is None else teacher_output_weight.detach(),
     )
     seq, batch = loss_mask.shape
     flat_student = student.reshape(student_loops, seq * batch, student.shape[-1])
-    flat_teacher = teacher_logits.detach().reshape(len(teacher_rows), seq * batch, local_vocab)
+    flat_teacher = teacher_logits.detach().reshape(len(teacher_rows), seq * batch,
+                                                   teacher_logits.shape[-1])
+    skipped = 0
+    if config.nonfinite == "skip":
+        bad = flagged_tokens(_find_nonfinite(flat_student, output_weight, flat_teacher, plan))
+        skipped = int(bad.sum())
+        if skipped:
+            # as if loss_mask were 0 there: the per-sequence and per-batch normalizers shrink too
+            kept = loss_mask.flatten().clone()
+            kept[index[bad.to(index.device)]] = 0
+            index, weights = weights_of(kept.view(loss_mask.shape))
+            plan.chunks = _token_chunks(index, config.chunk_size)
+            plan.token_weights = weights.to(device=student.device, dtype=compute_dtype)
     loss, *values = _LoopDistillation.apply(flat_student, output_weight, flat_teacher, plan)
-    return loss, dict(zip((*METRIC_NAMES, "loop_weights"), values))
+    metrics = dict(zip((*METRIC_NAMES, "loop_weights"), values))
+    metrics["nonfinite_tokens"] = torch.tensor(float(skipped), device=loss.device)
+    return loss, metrics
 
 
 def cross_loop_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -330,7 +440,12 @@ def cross_loop_distillation_loss(student_logits: torch.Tensor, teacher_logits: t
     Returns:
         The scalar loss and detached metrics, each ``[R̃]`` and reduced like the loss:
         ``loss_per_loop``, ``divergence_per_loop``, ``student_entropy_per_loop``,
-        ``teacher_entropy_per_loop`` (at φ(r)) and ``loop_weights`` (α).
+        ``teacher_entropy_per_loop`` (at φ(r)) and ``loop_weights`` (α); plus the scalar
+        ``nonfinite_tokens``, the response tokens ``config.nonfinite="skip"`` left out.
+
+    Raises:
+        ValueError: a NaN/±inf logit at a response token (``config.nonfinite="error"``), on
+            every TP rank alike.
     """
     return run_distillation(student_logits, None, teacher_logits, loss_mask, config, tp_group,
                             num_sequences=num_sequences, num_tokens=num_tokens,
@@ -349,7 +464,8 @@ def sampled_token_distillation_loss(student_logits: torch.Tensor, teacher_logits
     """OPSD's sampled-token objective per loop: Σ_r α_r · masked-mean(−A_t · log p_S^(r)(y_t)).
 
     ``A_t = log p_T^(φ(r))(y_t) − log p_S^(r)(y_t)`` is detached; ``token_ids`` ``[seq, batch]``
-    holds the sampled tokens y_t as global vocabulary ids. ``config.divergence``/``top_k`` are
+    holds the sampled tokens y_t as global vocabulary ids; at response tokens they must lie in
+    [0, V) with V = V/TP × TP, else ValueError. ``config.divergence``/``top_k`` are
     not used. ``divergence_per_loop`` reports masked-mean(log p_S(y) − log p_T(y)), a one-sample
     estimate of KL(p_S ‖ p_T); ``"adaptive"`` weighting uses it, clamped at 0.
     """

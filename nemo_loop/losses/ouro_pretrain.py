@@ -24,15 +24,24 @@ def per_loop_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
                         for loop_logits in logits])
 
 
-def ouro_pretraining_loss(output: LoopOutput, labels: torch.Tensor, loss_mask: torch.Tensor,
-                          entropy_beta: float = 0.05) -> tuple[torch.Tensor, dict]:
-    """Expected per-token CE under the exit distribution minus β·entropy; mask is [b, s]."""
+def ouro_token_losses(output: LoopOutput, labels: torch.Tensor, entropy_beta: float = 0.05
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ouro's objective at every token, before masking: (Σ_r p_r·CE_r − β·H(p) [s, b], CE_r
+    [n, s, b], p_r [n, s, b], H(p) [s, b]) over the n loops that ran (the last takes the
+    remaining exit mass, so a run cut at R̃ < R loops is a proper distribution over R̃)."""
     if output.logits is None or len(output.loops) != output.exit_logits.shape[0]:
         raise ValueError("the Ouro loss needs logits for every loop that ran")
     token_ce = per_loop_cross_entropy(output.logits, labels)  # [n, s, b]
     exit_probs = exit_distribution(output.exit_logits)  # [n, s, b]
     entropy = -(exit_probs * torch.log(exit_probs.clamp_min(1e-12))).sum(0)
     per_token = (exit_probs * token_ce).sum(0) - entropy_beta * entropy  # [s, b]
+    return per_token, token_ce, exit_probs, entropy
+
+
+def ouro_pretraining_loss(output: LoopOutput, labels: torch.Tensor, loss_mask: torch.Tensor,
+                          entropy_beta: float = 0.05) -> tuple[torch.Tensor, dict]:
+    """Expected per-token CE under the exit distribution minus β·entropy; mask is [b, s]."""
+    per_token, token_ce, exit_probs, entropy = ouro_token_losses(output, labels, entropy_beta)
     mask = loss_mask.transpose(0, 1).to(per_token.dtype)
     num_tokens = mask.sum().clamp_min(1.0)
     loss = (per_token * mask).sum() / num_tokens

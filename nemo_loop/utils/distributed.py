@@ -12,8 +12,11 @@ import torch
 from nemo_loop.utils import cpu_compat
 
 
-@dataclass(frozen=True)
-class ParallelLayout:
+@dataclass
+class ParallelConfig:
+    """The model-parallel layout (``parallel:`` in every config); data parallel is what remains
+    of the world size."""
+
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
@@ -55,7 +58,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def initialize_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
+def initialize_model_parallel(layout: ParallelConfig, seed: int = 1234) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 

@@ -35,8 +35,48 @@ def is_logging_rank() -> bool:
             and parallel_state.get_data_parallel_rank() == 0)
 
 
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def _records(output_dir: Path) -> list[tuple[str, int | None]]:
+    """(line, step) of the metrics file; step None for a line a killed run left half-written."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append((line, int(json.loads(line)["step"])))
+        except (ValueError, KeyError, TypeError):
+            records.append((line, None))
+    return records
+
+
+def metrics_steps(output_dir: Path) -> list[int]:
+    """The step of every record in ``output_dir``'s metrics file (empty: none)."""
+    return [step for _, step in _records(output_dir) if step is not None]
+
+
+def truncate_metrics(output_dir: Path, last_step: int) -> int:
+    """Drop the records after ``last_step`` (logged by a run after its last checkpoint, and
+    about to be logged again by the resumed run) and half-written lines; returns how many
+    lines were dropped."""
+    from nemo_loop.utils.storage import write_durably
+
+    path = Path(output_dir) / METRICS_FILE
+    lines = _records(output_dir)
+    kept = [line for line, step in lines if step is not None and step <= last_step]
+    if len(kept) != len(lines):
+        write_durably(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
 class MetricsLogger:
-    def __init__(self, wandb_config: WandbConfig, run_config, output_dir: Path, formatter):
+    def __init__(self, wandb_config: WandbConfig, run_config, output_dir: Path, formatter,
+                 resume_step: int | None = None):
+        """``resume_step``: None appends to the metrics file; a step (0: a fresh training run)
+        first drops the records after it, and wandb continues the run id stored beside them."""
         self.active = is_logging_rank()
         self.formatter = formatter
         self.run = None
@@ -49,7 +89,9 @@ class MetricsLogger:
 
         # The resolved run config beside its metrics: what produced them, re-runnable as --config.
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(run_config)))
-        self.file = open(output_dir / "metrics.jsonl", "a")
+        if resume_step is not None:
+            truncate_metrics(output_dir, resume_step)
+        self.file = open(output_dir / METRICS_FILE, "a")
         if wandb_config.enabled:
             try:
                 import wandb
@@ -59,7 +101,8 @@ class MetricsLogger:
 
             self.run = wandb.init(project=wandb_config.project, name=wandb_config.name,
                                   mode=wandb_config.resolved_mode(), dir=str(output_dir),
-                                  config=to_dict(run_config))
+                                  config=to_dict(run_config),
+                                  **_wandb_resume(output_dir, resume_step))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -76,10 +119,26 @@ class MetricsLogger:
                     flat[key] = value
             self.run.log(flat, step=step)
 
-    def close(self) -> None:
-        if self.active:
+    def close(self, barrier: bool = True) -> None:
+        """``barrier=False`` on an error path, where other ranks may never get here."""
+        if self.active and not self.file.closed:
             self.file.close()
             if self.run is not None:
-                self.run.finish()
-        if torch.distributed.is_initialized():
+                self.run.finish(exit_code=0 if barrier else 1)
+        if barrier and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+def _wandb_resume(output_dir: Path, resume_step: int | None) -> dict:
+    """A resumed run continues the wandb run of its first start (its id is stored in the run
+    directory); wandb ignores steps it already has, which a resumed run repeats exactly."""
+    if resume_step is None:
+        return {}
+    import uuid
+
+    id_file = output_dir / WANDB_ID_FILE
+    if resume_step > 0 and id_file.is_file():
+        return {"id": id_file.read_text().strip(), "resume": "allow"}
+    run_id = uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return {"id": run_id}

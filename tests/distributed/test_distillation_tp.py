@@ -20,26 +20,39 @@ from nemo_loop.losses import (
     fused_head_distillation_loss,
     sampled_token_distillation_loss,
 )
-from nemo_loop.utils.distributed import ParallelLayout, initialize_model_parallel
+from nemo_loop.utils.distributed import ParallelConfig, initialize_model_parallel
 from tests.multiproc import run_checks
 from tests.unit.test_distillation_loss import (
     ALL_CASES,
     FP32_RTOL,
     FP64_RTOL,
+    GUARDED_PATHS,
+    HARMLESS,
+    HEAD_PATHS,
     HIDDEN,
+    POISON,
+    POISON_MESSAGE,
+    TEACHER_HEAD_CASES,
     VOCAB,
     assert_close,
+    fully_fused_inputs,
+    guard_inputs,
+    guarded_loss,
     loss_and_grad,
+    loss_and_head_grads,
     make_config,
     make_inputs,
+    poisoned,
     reference_loss,
+    teacher_head_config,
+    teacher_head_token_ids,
 )
 
 pytestmark = [pytest.mark.parity]
 
 
 def _tp_group():
-    initialize_model_parallel(ParallelLayout(tensor_parallel=torch.distributed.get_world_size()))
+    initialize_model_parallel(ParallelConfig(tensor_parallel=torch.distributed.get_world_size()))
     group = parallel_state.get_tensor_model_parallel_group()
     rank = parallel_state.get_tensor_model_parallel_rank()
     size = parallel_state.get_tensor_model_parallel_world_size()
@@ -120,6 +133,52 @@ def check_fused_head():
         assert_close(loss, expected, FP64_RTOL, "loss")
         assert_close(grad_h, expected_h, FP64_RTOL, "hidden grad")
         assert_close(grad_w, expected_w[vocab], FP64_RTOL, "weight grad")
+
+
+def check_teacher_through_the_fused_head_equals_teacher_logits():
+    """Sharded teacher readouts × head shard against the sharded teacher logits, same TP."""
+    group, vocab = _tp_group()
+    hidden, weight, teacher_hidden, teacher_weight, mask = fully_fused_inputs()
+    for case in TEACHER_HEAD_CASES:
+        config = teacher_head_config(*case)
+        extra = teacher_head_token_ids(config, mask)
+        teacher_logits = teacher_hidden @ teacher_weight[vocab].t()
+        from_logits = loss_and_head_grads(hidden, weight[vocab], teacher_logits, mask, config,
+                                          group, **extra)
+        fully_fused = loss_and_head_grads(hidden, weight[vocab], teacher_hidden, mask, config,
+                                          group, teacher_output_weight=teacher_weight[vocab],
+                                          **extra)
+        for name, got, expected in zip(("loss", "hidden grad", "weight grad"), fully_fused,
+                                       from_logits):
+            assert_close(got, expected, 1e-12, f"{case} {name}")
+        for name, value in from_logits[3].items():
+            assert_close(fully_fused[3][name], value, 1e-12, f"{case} {name}")
+
+
+def check_nonfinite_logits_on_one_shard_stop_or_skip_on_every_rank():
+    # POISON's vocabulary ids 1 and 20 lie on the first and the last rank's shard only
+    group, vocab = _tp_group()
+    for path in GUARDED_PATHS:
+        inputs = poisoned(guard_inputs(), path, POISON + HARMLESS)
+        with pytest.raises(ValueError, match=POISON_MESSAGE):
+            guarded_loss(path, inputs, tp_group=group, vocab=vocab)
+        loss, grad, metrics = guarded_loss(path, inputs, tp_group=group, vocab=vocab,
+                                           nonfinite="skip")
+        expected, expected_grad, _ = guarded_loss(path, inputs, nonfinite="skip")  # TP = 1
+        assert metrics["nonfinite_tokens"] == 3, path
+        assert_close(loss, expected, FP64_RTOL, f"{path} loss")
+        # the fused paths' hidden-state gradient is replicated, the others are vocab shards
+        assert_close(grad, expected_grad if path in HEAD_PATHS else expected_grad[..., vocab],
+                     FP64_RTOL, f"{path} grad")
+
+
+def check_sampled_token_ids_outside_the_full_vocabulary_raise_on_every_rank():
+    group, vocab = _tp_group()
+    inputs = guard_inputs()
+    for bad_id in (VOCAB, VOCAB + 5, -1):  # used to count as "on no rank's shard"
+        inputs["token_ids"][4, 1] = bad_id
+        with pytest.raises(ValueError, match=rf"token_ids must lie in \[0, {VOCAB}\)"):
+            guarded_loss("sampled", inputs, tp_group=group, vocab=vocab)
 
 
 CHECKS = sorted(name for name in dict(globals()) if name.startswith("check_"))

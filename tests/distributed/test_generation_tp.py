@@ -7,7 +7,7 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_loop.models.looplm.config import LoopModelConfig
-from nemo_loop.utils.distributed import ParallelLayout, initialize_model_parallel
+from nemo_loop.utils.distributed import ParallelConfig, initialize_model_parallel
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
@@ -18,7 +18,7 @@ WEIGHT_SEED = 21
 NEW_TOKENS = 8
 
 
-def _build(layout: ParallelLayout, seed: int = WEIGHT_SEED):
+def _build(layout: ParallelConfig, seed: int = WEIGHT_SEED):
     from nemo_loop.models.looplm.model import build_loop_model
 
     initialize_model_parallel(layout)
@@ -65,13 +65,13 @@ def _same_on_every_rank(tokens):
 
 def check_tp2_generation_equals_tp1():
     probe = [_prompts()[0]]
-    tp2 = _build(ParallelLayout(tensor_parallel=2))
+    tp2 = _build(ParallelConfig(tensor_parallel=2))
     assert parallel_state.get_tensor_model_parallel_world_size() == 2
     tp2_logits = _full_vocab_logits(tp2, probe)
     tp2_runs = _run_all(tp2)
     parallel_state.destroy_model_parallel()
 
-    tp1 = _build(ParallelLayout(tensor_parallel=1))
+    tp1 = _build(ParallelConfig(tensor_parallel=1))
     torch.testing.assert_close(tp2_logits, _full_vocab_logits(tp1, probe), atol=1e-5, rtol=0,
                                msg="TP=1 and TP=2 models built from one seed differ")
     tp1_runs = _run_all(tp1)
@@ -87,8 +87,8 @@ def check_tp2_generation_equals_tp1():
 def check_tp2_refit_copy_matches_trainer_forward():
     from nemo_loop.generation import NativeLoopEngine, SamplingParams
 
-    trainer = _build(ParallelLayout(tensor_parallel=2))
-    engine_model = _build(ParallelLayout(tensor_parallel=2), seed=WEIGHT_SEED + 1)
+    trainer = _build(ParallelConfig(tensor_parallel=2))
+    engine_model = _build(ParallelConfig(tensor_parallel=2), seed=WEIGHT_SEED + 1)
     engine = NativeLoopEngine(engine_model, owns_weights=True)
     with torch.no_grad():
         for param in trainer.parameters():
@@ -111,7 +111,7 @@ def check_tp2_refit_copy_matches_trainer_forward():
 def check_pipeline_parallel_is_refused():
     from nemo_loop.generation import NativeLoopEngine
 
-    model = _build(ParallelLayout(pipeline_parallel=2))
+    model = _build(ParallelConfig(pipeline_parallel=2))
     with pytest.raises(NotImplementedError, match="pipeline parallel"):
         NativeLoopEngine(model)
 

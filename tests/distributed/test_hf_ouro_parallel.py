@@ -12,7 +12,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from nemo_loop.utils.distributed import ParallelLayout
+from nemo_loop.utils.distributed import ParallelConfig
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
@@ -39,7 +39,7 @@ def _gather_vocab(logits):
     return gather_from_tensor_model_parallel_region(logits.detach().contiguous())
 
 
-def _check_parity(layout: ParallelLayout):
+def _check_parity(layout: ParallelConfig):
     from nemo_loop.models.looplm import hf_ouro
     from nemo_loop.models.looplm.pipeline import forward_backward_loops
     from nemo_loop.models.looplm.reference import ouro_reference_forward
@@ -70,19 +70,19 @@ def _check_parity(layout: ParallelLayout):
 
 
 def check_parity_tp1():
-    _check_parity(ParallelLayout())
+    _check_parity(ParallelConfig())
 
 
 def check_parity_tp2():
-    _check_parity(ParallelLayout(tensor_parallel=2))
+    _check_parity(ParallelConfig(tensor_parallel=2))
 
 
 def check_parity_pp2():
-    _check_parity(ParallelLayout(pipeline_parallel=2))
+    _check_parity(ParallelConfig(pipeline_parallel=2))
 
 
 def check_parity_tp2_pp2():
-    _check_parity(ParallelLayout(tensor_parallel=2, pipeline_parallel=2))
+    _check_parity(ParallelConfig(tensor_parallel=2, pipeline_parallel=2))
 
 
 def _assert_export_matches(exported: Path, num_loops: int):
@@ -108,9 +108,9 @@ def check_import_tp2_pp2_then_export_tp1_is_bit_exact():
     from nemo_loop.models.looplm.hf_ouro import export_ouro, import_ouro
 
     ckpt = _work_dir("ckpt_tp2_pp2")
-    import_ouro(_hf_dir(), ckpt, ParallelLayout(tensor_parallel=2, pipeline_parallel=2))
+    import_ouro(_hf_dir(), ckpt, ParallelConfig(tensor_parallel=2, pipeline_parallel=2))
     assert (ckpt / "model_config.yaml").is_file() and (ckpt / "tokenizer/tokenizer.json").is_file()
-    export_ouro(ckpt, _work_dir("hf_tp1"), 3, ParallelLayout())
+    export_ouro(ckpt, _work_dir("hf_tp1"), 3, ParallelConfig())
     _assert_export_matches(_work_dir("hf_tp1"), 3)
 
 

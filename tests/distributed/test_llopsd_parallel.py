@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from nemo_loop.evaluation.answers import math_verifier
 
 pytestmark = [pytest.mark.slow]
 
@@ -32,11 +31,11 @@ def _config(output_dir, tensor_parallel, *overrides):
         "rollout.max_new_tokens=5", "data.limit=8", *overrides])
 
 
-def _run(tensor_parallel, mode, context):
+def _run(tensor_parallel, mode, context, *overrides):
     from nemo_loop.algorithms.llopsd import train
 
     history = train(_config(_shared_tmp(), tensor_parallel, f"teacher.mode={mode}",
-                            f"teacher.context.kind={context}"), math_verifier)
+                            f"teacher.context.kind={context}", *overrides))
     assert len(history) == 2
     for metrics in history:
         assert math.isfinite(metrics["loss"]) and metrics["loss"] >= 0
@@ -48,16 +47,16 @@ def check_tp2_same_opsd():
     _run(2, "same", "opsd")
 
 
-def check_tp2_ema_sdpo():
-    _run(2, "ema", "sdpo")
+def check_tp2_ema_sdpo():  # SDPO's sibling context: G = 2 rollouts per prompt
+    _run(2, "ema", "sdpo", "rollout.samples_per_prompt=2")
 
 
 def check_tp2_frozen_opsdc():
     _run(2, "frozen", "opsdc")
 
 
-def check_dp2_same_sdpo():
-    _run(1, "same", "sdpo")
+def check_dp2_same_sdpo_verdict():
+    _run(1, "same", "sdpo_verdict")
 
 
 def check_dp2_ema_opsdc():
@@ -75,12 +74,12 @@ def check_checkpoint_saved_at_tp2_loads_at_tp1():
     from nemo_loop.models.looplm.state_dict import gather_full_state_dict
 
     root = _shared_tmp()
-    train(_config(root, 2, "teacher.mode=ema"), math_verifier)
-    saved = setup(_config(root, 2, "teacher.mode=ema"), math_verifier)  # resumes at TP=2
+    train(_config(root, 2, "teacher.mode=ema"))
+    saved = setup(_config(root, 2, "teacher.mode=ema"))  # resumes at TP=2
     expected = gather_full_state_dict(saved.ddp_model)
     expected_teacher = gather_full_state_dict(saved.teacher_model)
     parallel_state.destroy_model_parallel()
-    resumed = setup(_config(root, 1, "teacher.mode=ema"), math_verifier)
+    resumed = setup(_config(root, 1, "teacher.mode=ema"))
     assert resumed.step == 2 and parallel_state.get_tensor_model_parallel_world_size() == 1
     got = gather_full_state_dict(resumed.ddp_model)
     got_teacher = gather_full_state_dict(resumed.teacher_model)

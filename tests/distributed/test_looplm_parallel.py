@@ -7,7 +7,7 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_loop.models.looplm.config import LoopModelConfig
-from nemo_loop.utils.distributed import ParallelLayout, initialize_model_parallel
+from nemo_loop.utils.distributed import ParallelConfig, initialize_model_parallel
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ def _micro_batches(count=2, batch=2, seq=12, seed=7):
     return batches
 
 
-def _build(layout: ParallelLayout):
+def _build(layout: ParallelConfig):
     from nemo_loop.models.looplm.model import build_loop_model
 
     initialize_model_parallel(layout, seed=SEED)
@@ -42,7 +42,7 @@ def _reference(batches, num_loops=None):
     from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
     from nemo_loop.models.looplm.state_dict import gather_full_state_dict
 
-    model = _build(ParallelLayout())
+    model = _build(ParallelConfig())
     weights = gather_full_state_dict(model)
     logits, losses = [], []
     for batch in batches:
@@ -66,7 +66,7 @@ def _max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def _check_layout(layout: ParallelLayout, count_visits: bool = False):
+def _check_layout(layout: ParallelConfig, count_visits: bool = False):
     from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
     from nemo_loop.models.looplm.pipeline import forward_backward_loops
     from nemo_loop.models.looplm.state_dict import gather_full_state_dict, load_full_state_dict
@@ -108,7 +108,7 @@ def _check_layout(layout: ParallelLayout, count_visits: bool = False):
 
 
 def check_tp2():
-    _check_layout(ParallelLayout(tensor_parallel=2))
+    _check_layout(ParallelConfig(tensor_parallel=2))
 
 
 def check_tp2_sequence_parallel_forward():
@@ -117,7 +117,7 @@ def check_tp2_sequence_parallel_forward():
 
     batches = _micro_batches()
     weights, ref_logits, _, _ = _reference(batches)
-    model = _build(ParallelLayout(tensor_parallel=2, sequence_parallel=True))
+    model = _build(ParallelConfig(tensor_parallel=2, sequence_parallel=True))
     assert model.config.sequence_parallel
     load_full_state_dict(model, weights)
     outputs = forward_backward_loops(model, batches, None, forward_only=True)
@@ -126,11 +126,58 @@ def check_tp2_sequence_parallel_forward():
 
 
 def check_pp2():
-    _check_layout(ParallelLayout(pipeline_parallel=2), count_visits=True)
+    _check_layout(ParallelConfig(pipeline_parallel=2), count_visits=True)
 
 
 def check_tp2_pp2():
-    _check_layout(ParallelLayout(tensor_parallel=2, pipeline_parallel=2), count_visits=True)
+    _check_layout(ParallelConfig(tensor_parallel=2, pipeline_parallel=2), count_visits=True)
+
+
+def _run_schedule(model, batches, schedule):
+    """(per-micro-batch losses on the last stage, every parameter's gradient) of one call."""
+    from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
+    from nemo_loop.models.looplm.pipeline import forward_backward_loops
+
+    model.zero_grad(set_to_none=True)
+    losses = []
+
+    def loss_func(batch, output):
+        loss, metrics = ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
+        losses.append(loss.detach())
+        return loss / len(batches), metrics
+
+    forward_backward_loops(model, batches, loss_func, schedule=schedule)
+    return losses, {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+def _check_1f1b_is_bitwise_gpipe(layout: ParallelConfig):
+    """5 micro-batches at PP=2: 1F1B's steady state and a partial last group. Same losses and
+    gradients, bit for bit, as every-forward-first; and both match plain autograd."""
+    from nemo_loop.models.looplm.state_dict import gather_full_state_dict, load_full_state_dict
+
+    batches = _micro_batches(count=5, seed=21)
+    weights, _, ref_losses, ref_grads = _reference(batches)
+    model = _build(layout)
+    load_full_state_dict(model, weights)
+    gpipe_losses, gpipe_grads = _run_schedule(model, batches, "gpipe")
+    losses, grads = _run_schedule(model, batches, "1f1b")
+    assert len(losses) == (len(batches) if parallel_state.is_pipeline_last_stage() else 0)
+    assert all(torch.equal(a, b) for a, b in zip(losses, gpipe_losses))
+    assert grads.keys() == gpipe_grads.keys()
+    differing = [name for name in grads if not torch.equal(grads[name], gpipe_grads[name])]
+    assert not differing, differing
+    full_grads = gather_full_state_dict(model, use_grads=True)  # the 1F1B run's
+    grad_err = max(_max_err(full_grads[name], ref_grads[name]) for name in ref_grads)
+    loss_err = max((_max_err(a, b) for a, b in zip(losses, ref_losses)), default=0.0)
+    assert grad_err <= TOLERANCE and loss_err <= TOLERANCE, (grad_err, loss_err)
+
+
+def check_pp2_1f1b_is_bitwise_gpipe():
+    _check_1f1b_is_bitwise_gpipe(ParallelConfig(pipeline_parallel=2))
+
+
+def check_tp2_pp2_1f1b_is_bitwise_gpipe():
+    _check_1f1b_is_bitwise_gpipe(ParallelConfig(tensor_parallel=2, pipeline_parallel=2))
 
 
 def check_pp2_fewer_loops_are_a_prefix():
@@ -139,7 +186,7 @@ def check_pp2_fewer_loops_are_a_prefix():
 
     batches = _micro_batches()
     weights, ref_logits, _, _ = _reference(batches)
-    model = _build(ParallelLayout(tensor_parallel=2, pipeline_parallel=2))
+    model = _build(ParallelConfig(tensor_parallel=2, pipeline_parallel=2))
     load_full_state_dict(model, weights)
     outputs = forward_backward_loops(model, batches, None, num_loops=2, logit_loops=[1, 2],
                                      forward_only=True)
@@ -168,7 +215,7 @@ def check_distributed_optimizer_tp2_dp2_matches_single_process():
                         adam_eps=1e-4)
     steps = [_micro_batches(count=4, seed=11 + step) for step in range(2)]
 
-    model = _build(ParallelLayout())
+    model = _build(ParallelConfig())
     initial = gather_full_state_dict(model)
     reference = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=0.0,
                                   betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps)
@@ -183,7 +230,7 @@ def check_distributed_optimizer_tp2_dp2_matches_single_process():
     expected = gather_full_state_dict(model)
     parallel_state.destroy_model_parallel()
 
-    model = _build(ParallelLayout(tensor_parallel=2))
+    model = _build(ParallelConfig(tensor_parallel=2))
     load_full_state_dict(model, initial)
     ddp = wrap_data_parallel(model, use_distributed_optimizer=True)
     optimizer, scheduler = build_optimizer(ddp, optim)
@@ -223,7 +270,7 @@ def check_checkpoint_resume_is_exact_tp2_dp2():
     from nemo_loop.models.looplm.state_dict import gather_full_state_dict
 
     optim = OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, decay_steps=10)
-    layout = ParallelLayout(tensor_parallel=2)
+    layout = ParallelConfig(tensor_parallel=2)
 
     def fresh():
         ddp = wrap_data_parallel(_build(layout))

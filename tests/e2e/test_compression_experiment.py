@@ -18,8 +18,8 @@ def test_shortened_experiment_writes_the_report(tmp_path):
     run = subprocess.run(
         [sys.executable, "recipes/compression_experiment.py", f"output_dir={tmp_path}",
          "pretrain.trainer.max_steps=60", "pretrain.trainer.eval_interval=30",
-         "pretrain.trainer.log_interval=30", "compression.trainer.max_steps=4",
-         "compression.trainer.log_interval=2", "train_prompts=128", "test_problems=96"],
+         "pretrain.trainer.log_interval=30", "compression.llopsd.trainer.max_steps=4",
+         "compression.llopsd.trainer.log_interval=2", "train_prompts=128", "test_problems=96"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -58,4 +58,4 @@ def test_shortened_experiment_writes_the_report(tmp_path):
         results = json.loads((tmp_path / "eval" / student / "results.json").read_text())
         assert results["checkpoint"]["step"] == 4
     config = (tmp_path / "students" / "terminal_only" / "config.yaml").read_text()
-    assert "weighting: terminal" in config and "answer_template: hint {answer}" in config
+    assert "weighting: terminal" in config and "name: shell_game" in config

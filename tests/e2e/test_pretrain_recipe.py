@@ -27,7 +27,6 @@ def test_pretrain_recipe_runs_and_learns(tmp_path):
         assert len(accuracy) == 4 and all(0.0 <= a <= 1.0 for a in accuracy)
     assert "test accuracy per loop: L1=" in run.stdout
     assert (tmp_path / "model" / "metadata.json").is_file()
-    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     assert "model:" in (tmp_path / "config.yaml").read_text()
     assert all(len(r["ce_per_loop"]) == 4 for r in records)
     assert records[-1]["loss"] < records[0]["loss"] - 0.5

@@ -41,7 +41,7 @@ def test_64gpu_presets_load_and_fit_64_ranks(preset, model, layers, tensor_paral
     assert config.model.params_dtype == "bfloat16"
     assert config.parallel.tensor_parallel == tensor_parallel
     assert config.parallel.pipeline_parallel == 1
-    assert config.parallel.layout().data_parallel(64) == data_parallel
+    assert config.parallel.data_parallel(64) == data_parallel
     assert config.trainer.max_steps == 10
 
 
@@ -94,8 +94,46 @@ def test_train_saves_and_raises_preempted_on_the_signal(megatron_single_process,
 
     monkeypatch.setattr(llopsd, "llopsd_step", step_then_signal)
     with pytest.raises(Preempted) as raised:
-        llopsd.train(config, lambda text, gold: (None, False))
+        llopsd.train(config)
     assert raised.value.step == 2
     assert (tmp_path / "checkpoints" / "latest_checkpointed_step.txt").read_text() == "2"
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
     assert torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("arguments, recipe, overrides", [
+    (["algorithm=grpo", "trainer.max_steps=3", "output_dir=runs/a b"], "recipes/grpo.py",
+     ["trainer.max_steps=3", "output_dir=runs/a b"]),
+    (["algorithm=rltt"], "recipes/rltt.py", []),
+    (["algorithm=oisd", "model=tiny"], "recipes/oisd.py", ["model=tiny"]),
+    (["algorithm=looprpt", "--config", "conf/looprpt_text.yaml"], "recipes/looprpt.py",
+     ["--config", "conf/looprpt_text.yaml"]),
+    (["algorithm=pretrain_looplm", "--config", "conf/pretrain_text.yaml"],
+     "recipes/pretrain_looplm.py", ["--config", "conf/pretrain_text.yaml"]),
+    (["trainer.max_steps=3"], "recipes/llopsd.py", ["trainer.max_steps=3"]),
+])
+def test_training_scripts_run_the_recipe_algorithm_names(arguments, recipe, overrides):
+    """slurm/llopsd_{1,8}node.sh: select_recipe (slurm/common.sh) maps a first argument
+    algorithm=NAME to recipes/NAME.py and passes the rest on unchanged."""
+    result = _select_recipe(arguments)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\0")[:-1] == [recipe, *overrides]
+    for script in ("llopsd_8node.sh", "llopsd_1node.sh"):
+        text = (REPO / "slurm" / script).read_text()
+        assert 'select_recipe "$@"' in text and '"$RECIPE" "${RECIPE_ARGS[@]}"' in text
+
+
+def test_an_unknown_algorithm_is_refused_naming_the_recipes():
+    result = _select_recipe(["algorithm=ppo"])
+    assert result.returncode == 2
+    assert "unknown algorithm 'ppo': there is no recipes/ppo.py" in result.stderr
+    assert "grpo" in result.stderr and "oisd" in result.stderr
+
+
+def _select_recipe(arguments):
+    """Run select_recipe from slurm/common.sh alone (the file itself needs a Slurm job)."""
+    program = ('set -euo pipefail; REPO_DIR=$1; shift; '
+               'eval "$(sed -n "/^select_recipe() {/,/^}/p" "$REPO_DIR/slurm/common.sh")"; '
+               'select_recipe "$@"; printf "%s\\0" "$RECIPE" "${RECIPE_ARGS[@]}"')
+    return subprocess.run(["bash", "-c", program, "bash", str(REPO), *arguments],
+                          capture_output=True, text=True)

@@ -16,6 +16,19 @@ def test_model_swap_and_dotlist_overrides():
     assert config.model.num_loops == 2 and config.trainer.max_steps == 7
 
 
+def test_model_swap_reads_the_model_yaml_like_everyone_else(tmp_path):
+    from nemo_loop.models.looplm.config import read_model_config
+
+    config = load_config(PretrainConfig, CONF_DIR / "pretrain.yaml", ["model=ouro_1p4b"])
+    # nothing of the replaced tiny model (embedding_init_std: 1.0) survives the swap
+    assert config.model == read_model_config(CONF_DIR / "model" / "ouro_1p4b.yaml")
+    assert config.model.embedding_init_std is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_layers: 2\nnum_loopz: 3\n")
+    with pytest.raises(ValueError, match=r"invalid LoopModelConfig in .*bad\.yaml.*num_loopz"):
+        load_config(PretrainConfig, CONF_DIR / "pretrain.yaml", [f"model={bad}"])
+
+
 @pytest.mark.parametrize("override, message", [
     (["trainer.bogus=1"], "trainer.bogus"),
     (["model.num_loops=abc"], "model.num_loops"),
@@ -23,8 +36,9 @@ def test_model_swap_and_dotlist_overrides():
     (["model.layer_spec=postnorm"], "unknown layer_spec"),
     (["model.num_loops=0"], "num_loops"),
     (["optim.decay_style=step"], "decay_style"),
-    (["data.num_cups=12"], "num_cups"),
-    (["data.num_swaps=200"], "max_sequence_length"),
+    (["task.shell_game.num_cups=12"], "num_cups"),
+    (["task.shell_game.num_swaps=200"], "max_sequence_length"),
+    (["task.name=math"], "synthetic task"),
     (["model.vocab_size=8"], "vocab_size"),
     (["trainer.max_steps"], "key=value"),
 ])
@@ -46,13 +60,21 @@ def test_compression_experiment_config_checks_every_phase_at_load_time():
 
     config = load_config(CompressionExperimentConfig, CONF_DIR / "compression.yaml")
     assert list(config.students) == ["llopsd", "terminal_only"]
-    assert config.students["terminal_only"].weighting == "terminal"
+    assert config.student_config("terminal_only").loss.weighting == "terminal"
     student = config.student_config("llopsd")
-    assert student.model == config.model and student.answer_checker == "exact"
+    assert student.model == config.model and student.task == config.task
+    assert student.rollout.student_loops == config.student_loops == 2
+    assert student.optim.lr == 3e-4 and student.teacher.mode == "frozen"  # compression.llopsd
+    assert config.eval_config("pretrained").task.name == "shell_game"
     assert student.trainer.init_from.endswith("pretrain/model")
-    assert config.eval_config("pretrained", None).custom.name == "shell_game"
-    for override, message in [(["compression.rollout.student_loops=5"], "student_loops"),
-                              (["students.bad.mapping=zigzag"], "zigzag"),
+    assert config.eval_config("pretrained").custom.name == "shell_game"
+    for override, message in [(["student_loops=5"], "student_loops"),
+                              (["students.bad.loss.mapping=zigzag"], "zigzag"),
+                              (["students.bad.loss.mappingg=shift"], "students.bad.*mappingg"),
+                              (["students.bad.algorithm=ppo"], "unknown algorithm 'ppo'"),
+                              (["students.bad.rollout.student_loops=3"],
+                               "'rollout.student_loops', which the experiment decides"),
+                              (["compression.ppo.optim.lr=1"], "unknown algorithm 'ppo'"),
                               (["evaluation.n_samples=0"], "n_samples"),
                               (["pretrain.trainer.max_steps=0"], "max_steps")]:
         with pytest.raises(ValueError, match=message):
@@ -75,7 +97,10 @@ def test_every_ablation_preset_loads_and_changes_one_factor(preset):
     base = to_dict(load_config(LLOPSDConfig, CONF_DIR / "llopsd.yaml"))
     ablation = to_dict(load_config(LLOPSDConfig, preset))
     changed = {section for section in base if base[section] != ablation[section]}
-    assert len(changed) == 1, changed
+    if preset.stem == "context_sdpo":  # SDPO's sibling context needs rollout groups (G >= 2)
+        assert changed == {"teacher", "rollout"}, changed
+    else:
+        assert len(changed) == 1, changed
 
 
 def test_ablation_grid_is_covered():
@@ -87,7 +112,8 @@ def test_ablation_grid_is_covered():
     assert {c.loss.mapping for c in configs} == {"shift", "linear", "fixed"}
     assert {c.loss.weighting for c in configs} == {"uniform", "late_heavy", "adaptive", "terminal"}
     assert {c.loss.divergence for c in configs} == {"forward_kl", "reverse_kl", "jsd"}
-    assert {c.teacher.context.kind for c in configs} == {"opsd", "sdpo", "opsdc"}
+    assert {c.teacher.context.kind for c in configs} == {"opsd", "sdpo", "sdpo_verdict", "opsdc"}
+    assert {c.loss.objective for c in configs} == {"full", "sampled_token"}
     assert {c.teacher.mode for c in configs} == {"same", "ema", "frozen"}
 
 

@@ -256,6 +256,100 @@ def test_fused_head_equals_unfused(weighting):
         assert_close(fused, plain, 1e-12, name)
 
 
+def fully_fused_inputs(seed=9, teacher_loops=TEACHER_LOOPS):
+    """(student hidden, student W, teacher readouts, teacher W, mask); the teacher has its own
+    head, as a frozen or EMA teacher does."""
+    gen = torch.Generator().manual_seed(seed)
+    _, _, mask = make_inputs(seed=seed)
+    hidden = torch.randn(STUDENT_LOOPS, SEQ, BATCH, HIDDEN, generator=gen, dtype=torch.float64)
+    teacher_hidden = torch.randn(teacher_loops, SEQ, BATCH, HIDDEN, generator=gen,
+                                 dtype=torch.float64)
+    weight = torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64)
+    teacher_weight = torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64)
+    return hidden, weight, teacher_hidden, teacher_weight, mask
+
+
+def loss_and_head_grads(hidden, weight, teacher, mask, config, tp_group=None, **kwargs):
+    """(loss, ∂/∂hidden, ∂/∂W, metrics) of the fused-head loss."""
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, metrics = fused_head_distillation_loss(h, w, teacher, mask, config, tp_group, **kwargs)
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w)), metrics)
+
+
+# every divergence, full vocabulary and both top-K modes, plus the sampled-token objective
+TEACHER_HEAD_CASES = [(d, k, m) for d in DIVERGENCES
+                      for k, m in ((None, "tail"), (5, "tail"), (5, "renormalize"))]
+TEACHER_HEAD_CASES.append(("sampled_token", None, "tail"))
+
+
+def teacher_head_config(divergence, top_k, top_k_mode):
+    sampled = divergence == "sampled_token"
+    return make_config("forward_kl" if sampled else divergence, "linear", "adaptive",
+                       top_k=top_k, top_k_mode=top_k_mode, chunk_size=4,
+                       objective="sampled_token" if sampled else "full")
+
+
+def teacher_head_token_ids(config, mask):
+    if config.objective != "sampled_token":
+        return {}
+    return {"token_ids": torch.randint(0, VOCAB, mask.shape,
+                                       generator=torch.Generator().manual_seed(1))}
+
+
+@pytest.mark.parametrize("divergence,top_k,top_k_mode", TEACHER_HEAD_CASES)
+def test_teacher_through_the_fused_head_equals_teacher_logits(divergence, top_k, top_k_mode):
+    hidden, weight, teacher_hidden, teacher_weight, mask = fully_fused_inputs()
+    config = teacher_head_config(divergence, top_k, top_k_mode)
+    extra = teacher_head_token_ids(config, mask)
+    from_logits = loss_and_head_grads(hidden, weight, teacher_hidden @ teacher_weight.t(), mask,
+                                      config, **extra)
+    fully_fused = loss_and_head_grads(hidden, weight, teacher_hidden, mask, config,
+                                      teacher_output_weight=teacher_weight, **extra)
+    for name, got, expected in zip(("loss", "hidden grad", "weight grad"), fully_fused,
+                                   from_logits):
+        assert_close(got, expected, 1e-12, name)
+    for name, value in from_logits[3].items():
+        assert_close(fully_fused[3][name], value, 1e-12, name)
+
+
+def test_bf16_heads_match_the_reference_on_the_rounded_inputs():
+    """bf16 runs form logits and both gradient products in bf16 (summed in fp32)."""
+    *tensors, mask = fully_fused_inputs()
+    hidden, weight, teacher_hidden, teacher_weight = (t.bfloat16() for t in tensors)
+    config = make_config("forward_kl", "linear", "adaptive", chunk_size=4)
+    loss, grad_h, grad_w, _ = loss_and_head_grads(hidden, weight, teacher_hidden, mask, config,
+                                                  teacher_output_weight=teacher_weight)
+    assert grad_h.dtype == grad_w.dtype == torch.bfloat16
+    expected = loss_and_head_grads(hidden.double(), weight.double(),
+                                   teacher_hidden.double() @ teacher_weight.double().t(), mask,
+                                   config)
+    assert_close(loss, expected[0], 2e-3, "loss")  # measured 2e-4
+    assert_close(grad_h, expected[1], 1.5e-2, "hidden grad")  # measured 5e-3: bf16 rounding
+    assert_close(grad_w, expected[2], 1.5e-2, "weight grad")
+
+
+def test_a_self_teacher_head_passes_no_gradient():
+    """Teacher mode "same": the teacher's head is the student's own weight, still a constant."""
+    hidden, weight, teacher_hidden, _, mask = fully_fused_inputs()
+    config = make_config("jsd", "shift", "uniform")
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _ = fused_head_distillation_loss(h, w, teacher_hidden, mask, config,
+                                           teacher_output_weight=w)
+    got = torch.autograd.grad(loss, (h, w))
+    expected = loss_and_head_grads(hidden, weight, teacher_hidden @ weight.t(), mask, config)
+    assert_close(got[0], expected[1], 1e-12, "hidden grad")
+    assert_close(got[1], expected[2], 1e-12, "weight grad")
+
+
+def test_teacher_output_weight_of_the_wrong_shape_raises():
+    hidden, weight, teacher_hidden, teacher_weight, mask = fully_fused_inputs()
+    config = LoopDistillConfig()
+    for bad in (teacher_weight[:-1], teacher_weight[:, :-1], teacher_weight[None]):
+        with pytest.raises(ValueError, match=r"teacher_output_weight must be \[V/TP=24, h=8\]"):
+            fused_head_distillation_loss(hidden, weight, teacher_hidden, mask, config,
+                                         teacher_output_weight=bad)
+
+
 def test_masked_tokens_change_nothing():
     student, teacher, mask = make_inputs(seed=7)
     config = make_config("jsd", "linear", "adaptive", top_k=None)
@@ -328,6 +422,7 @@ def test_backward_scales_with_the_incoming_gradient():
     (dict(top_k_mode="drop"), "top_k_mode"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(reduction="sum"), "reduction"),
+    (dict(nonfinite="ignore"), "nonfinite policy"),
 ])
 def test_invalid_configs_raise(fields, message):
     student, teacher, mask = make_inputs()
@@ -362,3 +457,130 @@ def test_teacher_logits_of_only_the_mapped_loops_give_the_same_loss():
                                      teacher_loop_ids=[1, 2], num_teacher_loops=4)
     with pytest.raises(ValueError, match="go together"):
         cross_loop_distillation_loss(student, teacher[2:], mask, config, teacher_loop_ids=[3, 4])
+
+
+# ----------------------------------------------------------------------------- input guards
+GUARDED_PATHS = ("plain", "chunked", "top_k", "sampled", "fused", "fully_fused")
+HEAD_PATHS = ("fused", "fully_fused")  # the student input is hidden states (replicated over TP)
+PATH_CONFIG = {"plain": dict(chunk_size=None), "chunked": dict(chunk_size=2),
+               "top_k": dict(top_k=3), "sampled": {}, "fused": dict(chunk_size=2),
+               "fully_fused": dict(chunk_size=2)}
+# φ = [2, 3] for (R, R̃) = (3, 2); (4, 1) is sequence 1's only response token
+POISON = [("student", 2, (3, 0), 1, float("nan")), ("teacher", 3, (2, 2), 20, float("inf")),
+          ("teacher", 3, (4, 1), 1, float("-inf"))]
+POISON_MESSAGE = "student loop 2: 1 token; teacher loop 3: 2 tokens"
+# prompt / padding positions, and teacher loop 1, which φ never uses: may hold anything
+HARMLESS = [("student", 1, (0, 0), 1, float("nan")), ("teacher", 2, (4, 2), 20, float("inf")),
+            ("teacher", 1, (3, 0), 1, float("nan"))]
+
+
+def guard_inputs(seed=11):
+    student, teacher, mask = make_inputs(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    return dict(student=student, teacher=teacher, mask=mask,
+                hidden=torch.randn(STUDENT_LOOPS, SEQ, BATCH, HIDDEN, generator=gen,
+                                   dtype=torch.float64),
+                weight=torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64),
+                token_ids=torch.randint(0, VOCAB, (SEQ, BATCH), generator=gen),
+                teacher_hidden=torch.randn(TEACHER_LOOPS, SEQ, BATCH, HIDDEN, generator=gen,
+                                           dtype=torch.float64),
+                teacher_weight=torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64))
+
+
+def poisoned(inputs, path, entries):
+    """Copies of ``inputs`` with (side, 1-based loop, (s, b), vocab id, value) written in; on the
+    fused paths a student entry poisons the hidden state, so every logit of that token, and on
+    the fully fused path a teacher entry likewise poisons the teacher's readout."""
+    inputs = {name: tensor.clone() for name, tensor in inputs.items()}
+    for side, loop, (s, b), vocab_id, value in entries:
+        if side == "teacher" and path == "fully_fused":
+            inputs["teacher_hidden"][loop - 1, s, b, 0] = value
+        elif side == "teacher":
+            inputs["teacher"][loop - 1, s, b, vocab_id] = value
+        elif path in HEAD_PATHS:
+            inputs["hidden"][loop - 1, s, b, 0] = value
+        else:
+            inputs["student"][loop - 1, s, b, vocab_id] = value
+    return inputs
+
+
+def guarded_loss(path, inputs, mask=None, tp_group=None, vocab=slice(None), **overrides):
+    """(loss, grad of the student input, metrics) on one loss path and vocabulary slice; the
+    student input is the hidden states on the fused path (their gradient is not sliced)."""
+    config = make_config("forward_kl", "linear", "uniform", **{**PATH_CONFIG[path], **overrides})
+    mask = inputs["mask"] if mask is None else mask
+    teacher = inputs["teacher"][..., vocab]
+    if path == "fused":
+        return loss_and_grad(lambda h: fused_head_distillation_loss(
+            h, inputs["weight"][vocab], teacher, mask, config, tp_group), inputs["hidden"])
+    if path == "fully_fused":  # the teacher's logits are formed chunk by chunk as well
+        return loss_and_grad(lambda h: fused_head_distillation_loss(
+            h, inputs["weight"][vocab], inputs["teacher_hidden"], mask, config, tp_group,
+            teacher_output_weight=inputs["teacher_weight"][vocab]), inputs["hidden"])
+    if path == "sampled":
+        return loss_and_grad(sampled_token_distillation_loss, inputs["student"][..., vocab],
+                             teacher, inputs["token_ids"], mask, config, tp_group)
+    return loss_and_grad(cross_loop_distillation_loss, inputs["student"][..., vocab], teacher,
+                         mask, config, tp_group)
+
+
+def without_poisoned_tokens(mask):
+    kept = mask.clone()
+    for _, _, position, _, _ in POISON:
+        kept[position] = 0
+    return kept
+
+
+@pytest.mark.parametrize("path", GUARDED_PATHS)
+def test_nonfinite_logits_at_response_tokens_raise(path):
+    inputs = poisoned(guard_inputs(), path, POISON + HARMLESS)
+    with pytest.raises(ValueError, match=f"non-finite logits.*{POISON_MESSAGE}.*'skip'"):
+        guarded_loss(path, inputs)
+
+
+def test_nan_teacher_logit_in_top_k_forward_kl_raises_instead_of_a_wrong_loss():
+    inputs = poisoned(guard_inputs(), "top_k", [("teacher", 3, (2, 0), 5, float("nan"))])
+    with pytest.raises(ValueError, match="teacher loop 3: 1 token"):
+        guarded_loss("top_k", inputs)
+
+
+@pytest.mark.parametrize("path", GUARDED_PATHS)
+def test_nonfinite_logits_at_masked_positions_change_nothing(path):
+    clean = guard_inputs()
+    loss, grad, metrics = guarded_loss(path, clean)
+    loss2, grad2, metrics2 = guarded_loss(path, poisoned(clean, path, HARMLESS))
+    assert torch.equal(loss2, loss) and torch.equal(grad2, grad)
+    assert metrics2["nonfinite_tokens"] == 0
+
+
+@pytest.mark.parametrize("path", GUARDED_PATHS)
+@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
+def test_skip_equals_masking_the_nonfinite_tokens_out(path, reduction):
+    inputs = poisoned(guard_inputs(), path, POISON + HARMLESS)
+    loss, grad, metrics = guarded_loss(path, inputs, nonfinite="skip", reduction=reduction)
+    # the independent computation: the same inputs with those tokens masked out by the caller
+    expected, expected_grad, expected_metrics = guarded_loss(
+        path, inputs, without_poisoned_tokens(inputs["mask"]), reduction=reduction)
+    assert metrics.pop("nonfinite_tokens") == 3
+    assert expected_metrics.pop("nonfinite_tokens") == 0
+    assert_close(loss, expected, 1e-12, "loss")
+    assert_close(grad, expected_grad, 1e-12, "grad")
+    for name in expected_metrics:
+        assert_close(metrics[name], expected_metrics[name], 1e-12, name)
+    clean_loss, _, _ = guarded_loss(path, guard_inputs(), reduction=reduction)
+    assert (loss - clean_loss).abs() > 1e-6  # the skipped tokens did count before
+
+
+def test_sampled_token_ids_outside_the_vocabulary_raise():
+    inputs = guard_inputs()
+    for bad_id in (VOCAB, -1):
+        inputs["token_ids"][2, 0] = bad_id
+        with pytest.raises(ValueError, match=rf"token_ids must lie in \[0, {VOCAB}\).*"
+                                             rf"1 do not, e\.g\. \[{bad_id}\]"):
+            guarded_loss("sampled", inputs)
+    # padding positions may hold anything, e.g. an ignore index
+    inputs["token_ids"][2, 0] = 3
+    loss, grad, _ = guarded_loss("sampled", inputs)
+    inputs["token_ids"][0, 0] = -100
+    loss2, grad2, _ = guarded_loss("sampled", inputs)
+    assert torch.equal(loss2, loss) and torch.equal(grad2, grad)

@@ -19,7 +19,7 @@ def test_custom_benchmark_and_overrides(tmp_path):
         "benchmarks=[aime24,amc23]", "custom.path=x.jsonl", "custom.name=mine",
         f"data_root={tmp_path}", "limit=3",
         "custom.problem_field=q", "custom.answer_format=after_hashes", "loop_budgets=[4,1]",
-        "prompt.instruction_suffix=Show your work."])
+        "task.math.prompt.instruction_suffix=Show your work."])
     assert [s.name for s in config.benchmark_specs()] == ["aime24", "amc23", "mine"]
     assert config.benchmark_specs()[-1].problem_field == "q"
     assert all(s.limit == 3 for s in config.benchmark_specs())
@@ -39,7 +39,7 @@ def test_missing_custom_file_is_rejected(tmp_path):
     ("custom.name=math500", "clashes"),
     ("sampling.top_p=0", "top_p"),
     ("custom.answer_format=weird", None),
-    ("prompt.template=html", "prompt.template"),
+    ("task.math.prompt.template=html", "prompt.template"),
 ])
 def test_invalid_configs_are_rejected(override, message):
     overrides = [override]

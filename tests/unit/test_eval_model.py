@@ -41,9 +41,11 @@ def test_loop_entropies_match_full_forward(megatron_single_process):
 
 
 def test_model_weights_and_config_load_from_checkpoint_dir(megatron_single_process, tmp_path):
+    from dataclasses import replace
+
     from omegaconf import OmegaConf
 
-    from nemo_loop.checkpointing import LATEST, save_model_checkpoint
+    from nemo_loop.checkpointing import save_model_checkpoint
     from nemo_loop.config import to_dict
     from nemo_loop.evaluation.model_loading import (
         build_eval_model,
@@ -54,14 +56,16 @@ def test_model_weights_and_config_load_from_checkpoint_dir(megatron_single_proce
 
     saved = _model(1)
     step_dir = tmp_path / "step_0000007"
-    save_model_checkpoint(saved, step_dir)
-    (tmp_path / LATEST).write_text("7")
-    OmegaConf.save(OmegaConf.create({"model": to_dict(TINY)}), tmp_path / "config.yaml")
+    save_model_checkpoint(saved, step_dir, model_config=TINY)
+    # A run config that describes another model of the same shapes is not what evaluation
+    # believes: the config stored with the weights is.
+    misleading = replace(TINY, num_loops=2, rope_theta=500.0)
+    OmegaConf.save(OmegaConf.create({"model": to_dict(misleading)}), tmp_path / "config.yaml")
 
     location = locate_checkpoint(str(tmp_path), None)
     assert location.step == 7 and location.directory == step_dir
     config, source = stored_model_config(location)
-    assert config == TINY and source == tmp_path / "config.yaml"
+    assert config == TINY and source == step_dir / "model_config.yaml"
     torch.manual_seed(99)  # a different init, overwritten by the checkpoint
     loaded = build_eval_model(config, location)
     for (name, expected), (_, actual) in zip(saved.state_dict().items(),

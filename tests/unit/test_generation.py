@@ -21,13 +21,13 @@ NEW_TOKENS = 8
 @pytest.fixture(scope="module")
 def model():
     from nemo_loop.utils.distributed import (
-        ParallelLayout,
+        ParallelConfig,
         init_distributed,
         initialize_model_parallel,
     )
 
     init_distributed()
-    initialize_model_parallel(ParallelLayout(), seed=1234)
+    initialize_model_parallel(ParallelConfig(), seed=1234)
     return _build(seed=0)
 
 

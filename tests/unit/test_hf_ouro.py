@@ -1,4 +1,5 @@
-"""Ouro HF ⇄ megatron conversion: config mapping, tensor re-layout, file reading and errors."""
+"""Ouro HF ⇄ megatron conversion: config mapping and tensor re-layout (``state_dict_adapter``),
+file reading and errors (``hf_ouro``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import json
 import pytest
 import torch
 
-from nemo_loop.models.looplm import hf_ouro
-from nemo_loop.models.looplm.hf_ouro import OuroFormatError
+from nemo_loop.models.looplm import hf_ouro, state_dict_adapter
+from nemo_loop.models.looplm.state_dict_adapter import OuroFormatError
 from tests.ouro_checkpoint import (
     OURO_TOKENIZER_DIR,
     TINY_OURO_CONFIG,
@@ -22,7 +23,7 @@ def test_real_ouro_1p4b_config_maps_to_the_model_yaml():
     path = OURO_TOKENIZER_DIR / "config.json"
     if not path.is_file():
         pytest.skip(f"no Ouro config at {path}")
-    config = hf_ouro.ouro_config_to_model_config(json.loads(path.read_text()))
+    config = state_dict_adapter.ouro_config_to_model_config(json.loads(path.read_text()))
     assert (config.num_layers, config.hidden_size, config.ffn_hidden_size) == (24, 2048, 5632)
     assert (config.num_attention_heads, config.num_query_groups) == (16, 16)
     assert (config.vocab_size, config.num_loops, config.rope_theta) == (49152, 4, 1e6)
@@ -41,7 +42,7 @@ def test_real_ouro_1p4b_config_maps_to_the_model_yaml():
 ])
 def test_unsupported_configs_are_refused_by_name(change, message):
     with pytest.raises(OuroFormatError, match=message):
-        hf_ouro.ouro_config_to_model_config({**TINY_OURO_CONFIG, **change})
+        state_dict_adapter.ouro_config_to_model_config({**TINY_OURO_CONFIG, **change})
 
 
 def test_fused_qkv_follows_megatron_group_layout():
@@ -49,21 +50,21 @@ def test_fused_qkv_follows_megatron_group_layout():
     q = torch.arange(heads * head_dim).repeat_interleave(hidden).view(-1, hidden).float()
     k = 100 + torch.arange(groups * head_dim).repeat_interleave(hidden).view(-1, hidden).float()
     v = 200 + torch.arange(groups * head_dim).repeat_interleave(hidden).view(-1, hidden).float()
-    qkv = hf_ouro.fuse_qkv(q, k, v, groups)
+    qkv = state_dict_adapter.fuse_qkv(q, k, v, groups)
     rows = qkv[:, 0].tolist()
     # group 0: q heads 0,1 (rows 0..5), k head 0, v head 0; then group 1.
     assert rows[:12] == list(range(6)) + [100, 101, 102, 200, 201, 202]
     assert rows[12:] == list(range(6, 12)) + [103, 104, 105, 203, 204, 205]
-    back = hf_ouro.split_qkv(qkv, groups, head_dim)
+    back = state_dict_adapter.split_qkv(qkv, groups, head_dim)
     assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v)))
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_hf_megatron_hf_round_trip_is_bit_exact(tied):
     config = {**TINY_OURO_CONFIG, "tie_word_embeddings": tied, "vocab_size": 96}
-    model_config = hf_ouro.ouro_config_to_model_config(config)
+    model_config = state_dict_adapter.ouro_config_to_model_config(config)
     weights = random_ouro_weights(config, seed=3)
-    full = hf_ouro.ouro_to_megatron(weights, model_config)
+    full = state_dict_adapter.ouro_to_megatron(weights, model_config)
     assert ("output_layer.weight" in full) is not tied
     assert full["decoder.layers.1.mlp.linear_fc1.weight"].shape == (256, 64)
     assert full["decoder.layers.0.self_attention.linear_qkv.weight"].shape == ((4 + 2 * 2) * 16, 64)
@@ -71,7 +72,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(tied):
                        weights["model.layers.0.input_layernorm_2.weight"])
     assert torch.equal(full["decoder.layers.0.pre_mlp_layernorm.weight"],
                        weights["model.layers.0.post_attention_layernorm.weight"])
-    back = hf_ouro.megatron_to_ouro(full, model_config)
+    back = state_dict_adapter.megatron_to_ouro(full, model_config)
     assert set(back) == set(weights)
     assert all(torch.equal(back[name], weights[name]) for name in weights)
 
@@ -80,7 +81,7 @@ def test_reads_sharded_checkpoint_and_real_special_tokens(tmp_path, caplog):
     config, weights = write_tiny_ouro_checkpoint(tmp_path / "hf")
     hf_config, model_config, lazy = hf_ouro.open_ouro_checkpoint(tmp_path / "hf")
     assert hf_config == config and model_config.num_loops == 4
-    eager = hf_ouro.ouro_to_megatron(weights, model_config)
+    eager = state_dict_adapter.ouro_to_megatron(weights, model_config)
     assert set(lazy) == set(eager)
     assert all(torch.equal(lazy[name], eager[name]) for name in eager)
 
@@ -176,8 +177,22 @@ def test_reference_exit_distribution_matches_the_model():
 
 
 def test_export_config_preserves_fields_and_sets_loops():
-    model_config = hf_ouro.ouro_config_to_model_config(TINY_OURO_CONFIG)
-    exported = hf_ouro.model_config_to_ouro_config(model_config, 2, TINY_OURO_CONFIG)
+    model_config = state_dict_adapter.ouro_config_to_model_config(TINY_OURO_CONFIG)
+    exported = state_dict_adapter.model_config_to_ouro_config(model_config, 2, TINY_OURO_CONFIG)
     assert exported == {**TINY_OURO_CONFIG, "total_ut_steps": 2}
-    fresh = hf_ouro.model_config_to_ouro_config(model_config, 4)
-    assert hf_ouro.ouro_config_to_model_config(fresh) == model_config
+    fresh = state_dict_adapter.model_config_to_ouro_config(model_config, 4)
+    assert state_dict_adapter.ouro_config_to_model_config(fresh) == model_config
+
+
+def test_the_adapter_is_pure_mapping():
+    """Tensors and dicts in, tensors and dicts out: no files, safetensors or collectives."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(state_dict_adapter))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "collections.abc", "torch",
+                        "nemo_loop.models.looplm.config"}
+    assert "open(" not in inspect.getsource(state_dict_adapter)

@@ -155,3 +155,41 @@ def test_pipeline_schedule_at_pp1_equals_plain_autograd(model):
         loss_func(batch, model(batch["input_ids"], num_loops=3))[0].backward()
     for name, param in model.named_parameters():
         assert torch.allclose(scheduled[name], param.grad, atol=1e-6), name
+
+
+def test_run_loops_and_logits_reproduce_forward(model):
+    ids = _tokens()
+    readouts = list(model.run_loops(ids, 3))
+    assert [tuple(r.shape) for r in readouts] == [(10, 2, TINY.hidden_size)] * 3
+    output = model(ids, num_loops=3)
+    assert torch.equal(model.logits(readouts), output.logits)
+    assert torch.equal(model.exit_logits(readouts), output.exit_logits)
+    # The head is readout @ Wᵀ with the output layer's own weight when untied.
+    assert model.output_weight() is model.output_layer.weight
+    direct = torch.stack(readouts) @ model.output_layer.weight.T
+    assert torch.allclose(model.logits(torch.stack(readouts)), direct, atol=1e-5)
+
+
+def test_run_loops_rejects_bad_loop_counts(model):
+    with pytest.raises(ValueError, match="num_loops"):
+        model.run_loops(_tokens(), TINY.num_loops + 1)
+
+
+def test_tied_head_reads_out_through_the_embedding(megatron_single_process):
+    from nemo_loop.models.looplm.model import build_loop_model
+
+    torch.manual_seed(0)
+    tied = LoopModelConfig(**{**TINY.__dict__, "tie_word_embeddings": True})
+    model = build_loop_model(tied.transformer_config())
+    embedding = model.embedding.word_embeddings.weight
+    assert model.output_layer.weight is None  # no separate head weight exists
+    assert model.output_weight() is embedding
+    ids = _tokens()
+    readouts = torch.stack(list(model.run_loops(ids, 2)))
+    logits = model.logits(readouts)
+    assert torch.allclose(logits, readouts @ embedding.T, atol=1e-5)
+    assert torch.equal(model(ids, num_loops=2).logits, logits)
+    logits.sum().backward()  # the head's gradient lands on the embedding
+    unused = torch.ones(TINY.vocab_size, dtype=torch.bool)
+    unused[ids.unique()] = False  # rows the embedding lookup never touched
+    assert embedding.grad[unused].abs().sum() > 0

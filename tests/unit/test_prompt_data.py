@@ -128,7 +128,7 @@ def tokenizer_dir():
 def test_chatml_prompt_is_the_tokenizers_chat_template(tokenizer_dir):
     jinja2 = pytest.importorskip("jinja2")
     template = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"]
-    chat = ChatTokenizer(ChatConfig(tokenizer_path=str(tokenizer_dir)))
+    chat = ChatTokenizer.from_file(ChatConfig(tokenizer_path=str(tokenizer_dir)))
     message = chat.user_message("What is $1+1$?")
     assert message == "What is $1+1$?\nPlease reason step by step, and put your final answer " \
                       "within \\boxed{}."
@@ -142,7 +142,7 @@ def test_chatml_prompt_is_the_tokenizers_chat_template(tokenizer_dir):
 
 
 def test_teacher_prompt_differs_from_student_only_by_the_context(tokenizer_dir):
-    chat = ChatTokenizer(ChatConfig(), data_root=tokenizer_dir.parents[1])
+    chat = ChatTokenizer.from_file(ChatConfig(), data_root=tokenizer_dir.parents[1])
     student = chat.prompt_text("2+2?")
     teacher = chat.prompt_text("2+2?", context="(The answer is 4.)")
     suffix = "<|im_end|>\n<|im_start|>assistant\n"
@@ -150,13 +150,13 @@ def test_teacher_prompt_differs_from_student_only_by_the_context(tokenizer_dir):
 
 
 def test_plain_template_and_system_prompt_options(tokenizer_dir):
-    plain = ChatTokenizer(ChatConfig(tokenizer_path=str(tokenizer_dir / "tokenizer.json"),
+    plain = ChatTokenizer.from_file(ChatConfig(tokenizer_path=str(tokenizer_dir / "tokenizer.json"),
                                      template="plain", instruction_suffix="Show your work."))
     assert plain.prompt_text("  2+2?") == "2+2?\nShow your work.\n"
-    bare = ChatTokenizer(ChatConfig(tokenizer_path=str(tokenizer_dir), system_prompt=None,
+    bare = ChatTokenizer.from_file(ChatConfig(tokenizer_path=str(tokenizer_dir), system_prompt=None,
                                     instruction_suffix=""))
     assert bare.prompt_text("2+2?") == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(FileNotFoundError, match="tokenizer file"):
-        ChatTokenizer(ChatConfig(tokenizer_path="nowhere"), data_root=tokenizer_dir)
+        ChatTokenizer.from_file(ChatConfig(tokenizer_path="nowhere"), data_root=tokenizer_dir)
     with pytest.raises(ValueError, match="prompt.template"):
         ChatConfig(template="html").validate()

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from nemo_loop.data import shell_game as sg
 from nemo_loop.data.chat import ChatTokenizer
-from nemo_loop.data.prompts import PromptSetConfig, load_prompt_set
-from nemo_loop.evaluation.answers import check_answer
+from nemo_loop.data.prompts import PromptSetConfig, load_prompt_set, write_prompt_set
+from nemo_loop.tasks import TaskConfig, build_task
+from nemo_loop.tasks import shell_game as sg
 
 
 def _brute_force(text: str) -> str:
@@ -64,8 +64,12 @@ def test_too_many_distinct_games_is_an_error():
 
 def test_tokenizer_round_trip_and_unknown_words(tmp_path):
     config = sg.ShellGameConfig()
-    sg.write_tokenizer(config, tmp_path)
-    tokenizer = ChatTokenizer(sg.chat_config(tmp_path))
+    tokenizer = build_task(TaskConfig(name="shell_game")).tokenizer()
+    # The saved artifact is the same tokenizer.
+    saved = ChatTokenizer.from_file(sg.CHAT_CONFIG.__class__(
+        tokenizer_path=str(sg.write_tokenizer(config, tmp_path)), system_prompt=None,
+        instruction_suffix="", template="plain"))
+    assert saved.encode_prompt("ball 2 | 0-1 =") == tokenizer.encode_prompt("ball 2 | 0-1 =")
     assert tokenizer.vocab_size == len(sg.vocabulary(config))
     assert (tokenizer.pad_id, tokenizer.im_end_id) == (0, 2)
     problem = sg.problems(config, "test", 1)[0]
@@ -83,16 +87,17 @@ def test_tokenizer_round_trip_and_unknown_words(tmp_path):
 
 def test_prompt_set_round_trip_and_exact_checker(tmp_path):
     config = sg.ShellGameConfig()
+    task = build_task(TaskConfig(name="shell_game"))
     problems = sg.problems(config, "test", 5)
-    path = sg.write_prompt_set(tmp_path / "test.jsonl", problems)
+    path = write_prompt_set(tmp_path / "test.jsonl", task.heldout_problems("test", 5))
     records = load_prompt_set(PromptSetConfig(path=str(path), id_field="id"))
     assert [(r.problem, r.answer) for r in records] == [(p.text, p.answer) for p in problems]
     assert json.loads(path.read_text().splitlines()[0])["id"] == "0"
     gold = problems[0].answer
     wrong = str((int(gold) + 1) % config.num_cups)
-    assert check_answer("exact", f"{gold} ", gold).correct
-    assert not check_answer("exact", wrong, gold).correct
-    assert check_answer("exact", "", gold).extracted is None
+    assert task.check(f"{gold} ", gold).correct
+    assert not task.check(wrong, gold).correct
+    assert task.check("", gold).extracted is None
 
 
 @pytest.mark.parametrize("kwargs,match", [

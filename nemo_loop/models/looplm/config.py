@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from nemo_loop.config import read_section
+
 LAYER_SPECS = ("sandwich", "prenorm")
 
 
@@ -139,3 +141,81 @@ class LoopModelConfig:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
+
+
+# ----- the model config as a file, and what a checkpoint's config must agree on -----
+
+
+def write_model_config(config: LoopModelConfig, path) -> None:
+    """``config`` as YAML (loadable as ``model=<path>`` and by :func:`read_model_config`)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+
+
+def read_model_config(path) -> LoopModelConfig:
+    """A model-config YAML → a validated :class:`LoopModelConfig`; unknown keys are errors."""
+    config = read_section(path, LoopModelConfig)
+    config.validate()
+    return config
+
+
+def model_config_of(config: LoopTransformerConfig, name: str = "looplm") -> LoopModelConfig:
+    """The :class:`LoopModelConfig` a built model's TransformerConfig came from (the inverse of
+    ``transformer_config``; ``name`` and ``extra`` do not reach the model)."""
+    return LoopModelConfig(
+        num_layers=config.num_layers, hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups, vocab_size=config.vocab_size,
+        max_sequence_length=config.max_sequence_length, num_loops=config.num_loops,
+        rope_theta=config.rotary_base, layer_spec=config.layer_spec,
+        norm_epsilon=config.layernorm_epsilon, init_std=config.init_method_std,
+        embedding_init_std=(None if config.embedding_init_method_std == config.init_method_std
+                            else config.embedding_init_method_std),
+        tie_word_embeddings=config.share_embeddings_and_output_weights,
+        attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
+        params_dtype=next(k for k, v in _DTYPES.items() if v == config.params_dtype), name=name)
+
+
+# Fields that do not change the function the weights compute: initialisation, training-time
+# dropout, the longest sequence (RoPE is computed per position), the storage precision and the
+# label. Every other field — including ones added later — must match a checkpoint's.
+FUNCTION_NEUTRAL_FIELDS = frozenset({"name", "init_std", "embedding_init_std",
+                                     "attention_dropout", "hidden_dropout",
+                                     "max_sequence_length", "params_dtype"})
+
+
+def architecture_differences(saved: LoopModelConfig, current: LoopModelConfig
+                             ) -> list[tuple[str, object, object]]:
+    """(field, saved value, current value) for every field that changes what the weights
+    compute (attention heads, query groups, loops, RoPE θ, norms, vocabulary, layer spec, …)."""
+    from dataclasses import fields
+
+    def normalised(config: LoopModelConfig, name: str):
+        value = getattr(config, name)
+        if name == "num_query_groups" and value is None:
+            return config.num_attention_heads  # None means one group per head
+        return value
+
+    return [(f.name, normalised(saved, f.name), normalised(current, f.name))
+            for f in fields(LoopModelConfig) if f.name not in FUNCTION_NEUTRAL_FIELDS
+            and normalised(saved, f.name) != normalised(current, f.name)]
+
+
+def parameter_count(config: LoopModelConfig) -> int:
+    """Parameters of the whole model (all pipeline stages, unsharded), without building it."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    groups = config.num_query_groups or heads
+    head_dim = hidden // heads
+    norms = 4 if config.layer_spec == "sandwich" else 2
+    layer = (norms * hidden + hidden * head_dim * (heads + 2 * groups) + heads * head_dim * hidden
+             + hidden * 2 * config.ffn_hidden_size + config.ffn_hidden_size * hidden)
+    heads_and_embedding = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
+    final_norm_and_exit_gate = hidden + hidden + 1
+    return heads_and_embedding + config.num_layers * layer + final_norm_and_exit_gate
+
+
+def dtype_bytes(config: LoopModelConfig) -> int:
+    return torch.finfo(_DTYPES[config.params_dtype]).bits // 8

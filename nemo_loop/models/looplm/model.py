@@ -11,10 +11,18 @@ Under pipeline parallelism each stage holds a contiguous slice of the shared lay
 stage also the embedding, the last stage also the final norm, head and gate); a loop is one trip
 through all stages, and ``nemo_loop.models.looplm.pipeline`` sends the hidden state from the
 last stage back to the first for the next loop. ``forward`` is the single-stage path.
+
+Running loops and reading them out has one home, used by training, generation and evaluation:
+``run_loops`` (embed + R̃ loops, yielding each loop's readout), ``logits`` (the head, tied or
+not), ``output_weight`` (the head's weight, for fused losses), ``exit_logits`` (the gate) and
+``loop_output`` (all of it as a ``LoopOutput``). A caller may replace each loop's readout with
+a per-loop ``readout_transform`` (``finish_loop``; LoopRPT's noisy latent rollouts), which the
+head, the gate and the next loop then all see.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +34,11 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from nemo_loop.models.looplm.config import LoopTransformerConfig
 from nemo_loop.models.looplm.layer_specs import loop_block_spec
+
+
+# (readout [s(/TP with SP), b, h], 1-based loop) → the readout the head, the exit gate and the
+# next loop see instead.
+ReadoutTransform = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -47,17 +60,21 @@ class LoopOutput:
 
 
 def exit_distribution(exit_logits: torch.Tensor) -> torch.Tensor:
-    """p_r = σ(g_r)·∏_{j<r}(1−σ(g_j)) for r < n; the last loop takes the remaining mass.
+    """p_r = σ(g_r)·∏_{j<r}(1−σ(g_j)) for r < n; the last loop takes the remaining mass."""
+    return exit_log_distribution(exit_logits).exp()
 
-    Computed in log space so that long runs of confident "continue" gates stay exact.
-    """
+
+def exit_log_distribution(exit_logits: torch.Tensor) -> torch.Tensor:
+    """log p_r of :func:`exit_distribution` (fp32), computed in log space so that long runs of
+    confident "continue" gates stay exact and log p_r stays finite (policy gradients on the exit
+    decision need it)."""
     num_loops = exit_logits.shape[0]
     log_exit = torch.nn.functional.logsigmoid(exit_logits.float())
     log_continue = torch.nn.functional.logsigmoid(-exit_logits.float())
     log_survive = torch.cumsum(log_continue, dim=0) - log_continue  # ∏_{j<r}
     log_p = log_exit + log_survive
     log_p[num_loops - 1] = log_survive[num_loops - 1]
-    return log_p.exp()
+    return log_p
 
 
 def check_num_loops(num_loops: int, max_loops: int) -> int:
@@ -122,9 +139,10 @@ class LoopGPTModel(LanguageModule):
     def set_input_tensor(self, input_tensor) -> None:
         """Unused: the loop pipeline passes every stage's input explicitly."""
 
-    # ----- stage pieces, shared by ``forward`` and the loop pipeline -----
+    # ----- stage pieces, shared by ``run_loops`` and the loop pipeline -----
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """[b, s] token ids → [s(/TP with SP), b, h] (first stage only)."""
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         return self.embedding(input_ids=input_ids, position_ids=position_ids)
@@ -138,45 +156,109 @@ class LoopGPTModel(LanguageModule):
         return self.decoder(hidden_states=hidden, attention_mask=attention_mask,
                             rotary_pos_emb=rotary_pos_emb, inference_context=inference_context)
 
-    def readout(self, readouts: list[torch.Tensor], logit_loops: list[int],
-                compute_logits: bool = True) -> LoopOutput:
-        """Exit-gate logits for every loop, head logits only for ``logit_loops``."""
-        gate = torch.stack([self.exit_gate(h).squeeze(-1) for h in readouts])
+    # ----- the loop / read-out API: every caller runs loops and reads out through these -----
+
+    def run_loops(self, input_ids: torch.Tensor, num_loops: int | None = None, *,
+                  position_ids: torch.Tensor | None = None,
+                  attention_mask: torch.Tensor | None = None,
+                  rotary_pos_emb: torch.Tensor | None = None,
+                  inference_context_for: Callable[[int], object] | None = None,
+                  readout_transform: ReadoutTransform | None = None,
+                  ) -> Iterator[torch.Tensor]:
+        """Embed ``input_ids`` [b, s] and run ``num_loops`` loops (R̃ ≤ R, default R) of the
+        whole model (PP=1), yielding each loop's readout [s(/TP with SP), b, h] in loop order.
+
+        A readout is the final-norm output of a loop, i.e. also the next loop's input. Loops
+        run as the caller iterates, so one that keeps only the last readout holds one loop's
+        activations at a time. ``rotary_pos_emb`` defaults to the table of the input's own
+        positions; with a KV cache pass the cache's table. ``inference_context_for(loop)``
+        (0-based) gives the KV cache context of a loop and is called right before it runs.
+        ``readout_transform(readout, loop)`` (1-based loop), if given, replaces each loop's
+        final-norm output before it is read out and fed to the next loop (see
+        :meth:`finish_loop`).
+        """
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("LoopGPTModel.run_loops/forward run a whole model; with pipeline "
+                               "parallelism use nemo_loop.models.looplm.pipeline")
+        num_loops = check_num_loops(self.num_loops if num_loops is None else num_loops,
+                                    self.num_loops)
+        hidden = self.embed(input_ids, position_ids)
+        if rotary_pos_emb is None:
+            rotary_pos_emb = self.rotary_embedding(_full_seq_len(hidden, self.config))
+        return self._loops(hidden, num_loops, attention_mask, rotary_pos_emb,
+                           inference_context_for, readout_transform)
+
+    def _loops(self, hidden, num_loops, attention_mask, rotary_pos_emb, inference_context_for,
+               readout_transform):
+        for loop in range(num_loops):
+            context = inference_context_for(loop) if inference_context_for is not None else None
+            hidden = self.run_shared_layers(hidden, attention_mask, rotary_pos_emb, context)
+            hidden = self.finish_loop(hidden, loop + 1, readout_transform)
+            yield hidden
+
+    @staticmethod
+    def finish_loop(readout: torch.Tensor, loop: int,
+                    readout_transform: ReadoutTransform | None) -> torch.Tensor:
+        """A loop's readout (the last stage's final-norm output) after the caller's optional
+        per-loop transform, e.g. LoopRPT's latent noise: the transformed tensor is what the head
+        and exit gate read *and* what the next loop receives, on every path that runs loops
+        (``run_loops`` and the loop pipeline)."""
+        return readout if readout_transform is None else readout_transform(readout, loop)
+
+    def output_weight(self) -> torch.Tensor:
+        """The head's weight [V/TP, h]: the word embedding's when tied, else the output layer's."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+    def logits(self, readouts: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Head logits [n, s, b, V/TP] of readouts [n, s(/TP with SP), b, h] (a tensor or a
+        sequence of n [s(/TP), b, h] tensors); under sequence parallelism the head gathers the
+        sequence."""
+        weight = self.output_weight()
+        # One call per loop: under sequence parallelism the layer gathers along dim 0, which
+        # must be the sequence of a single loop.
+        return torch.stack([self.output_layer(readout, weight=weight)[0]
+                            for readout in readouts])
+
+    def exit_logits(self, readouts: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Exit-gate logits [n, s, b] of readouts [n, s(/TP with SP), b, h], full sequence."""
+        gate = torch.stack([self.exit_gate(readout).squeeze(-1) for readout in readouts])
         if self.config.sequence_parallel:
             gate = tensor_parallel.gather_from_sequence_parallel_region(
                 gate.transpose(0, 1)).transpose(0, 1)
+        return gate
+
+    def loop_output(self, readouts: Sequence[torch.Tensor], logit_loops: list[int],
+                    compute_logits: bool = True) -> LoopOutput:
+        """``LoopOutput`` of every loop's readout [s(/TP), b, h]: exit-gate logits of all of
+        them, readouts and (unless ``compute_logits=False``) head logits of ``logit_loops``."""
         chosen = torch.stack([readouts[r - 1] for r in logit_loops])
-        logits = None
-        if compute_logits:
-            weight = self.shared_embedding_or_output_weight() \
-                if self.share_embeddings_and_output_weights else None
-            # One call per loop: under sequence parallelism the layer gathers along dim 0,
-            # which must be the sequence of a single loop.
-            logits = torch.stack([self.output_layer(h, weight=weight)[0] for h in chosen])
-        return LoopOutput(loops=list(logit_loops), readouts=chosen, logits=logits,
-                          exit_logits=gate)
+        return LoopOutput(loops=list(logit_loops), readouts=chosen,
+                          logits=self.logits(chosen) if compute_logits else None,
+                          exit_logits=self.exit_logits(readouts))
 
     # ----- single-stage forward -----
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, num_loops: int | None = None,
                 logit_loops=None, compute_logits: bool = True,
-                inference_contexts=None) -> LoopOutput:
-        """Run ``num_loops`` (R̃ ≤ R) loops; ``inference_contexts`` holds one KV cache per loop."""
-        if not (self.pre_process and self.post_process):
-            raise RuntimeError("LoopGPTModel.forward runs a whole model; with pipeline "
-                               "parallelism use nemo_loop.models.looplm.pipeline")
+                inference_contexts=None,
+                readout_transform: ReadoutTransform | None = None) -> LoopOutput:
+        """Run ``num_loops`` (R̃ ≤ R) loops; ``inference_contexts`` holds one KV cache per loop;
+        ``readout_transform`` as in :meth:`run_loops`."""
         num_loops = check_num_loops(self.num_loops if num_loops is None else num_loops,
                                     self.num_loops)
         logit_loops = check_logit_loops(logit_loops, num_loops)
-        hidden = self.embed(input_ids, position_ids)
-        rotary = self.rotary_embedding(_full_seq_len(hidden, self.config, inference_contexts))
-        readouts = []
-        for loop in range(num_loops):
-            context = inference_contexts[loop] if inference_contexts is not None else None
-            hidden = self.run_shared_layers(hidden, attention_mask, rotary, context)
-            readouts.append(hidden)
-        return self.readout(readouts, logit_loops, compute_logits)
+        rotary = None
+        if inference_contexts is not None and inference_contexts[0] is not None:
+            rotary = self.rotary_embedding(inference_contexts[0].max_sequence_length)
+        readouts = list(self.run_loops(
+            input_ids, num_loops, position_ids=position_ids, attention_mask=attention_mask,
+            rotary_pos_emb=rotary,
+            inference_context_for=None if inference_contexts is None
+            else inference_contexts.__getitem__, readout_transform=readout_transform))
+        return self.loop_output(readouts, logit_loops, compute_logits)
 
 
 def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -184,9 +266,7 @@ def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
         input_ids)
 
 
-def _full_seq_len(hidden, config, inference_contexts) -> int:
-    if inference_contexts is not None and inference_contexts[0] is not None:
-        return inference_contexts[0].max_sequence_length
+def _full_seq_len(hidden, config) -> int:
     seq = hidden.shape[0]
     return seq * config.tensor_model_parallel_size if config.sequence_parallel else seq
 

@@ -10,6 +10,7 @@ import re
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -68,8 +69,6 @@ def _gather_tp(local: torch.Tensor, param, gated: bool) -> torch.Tensor:
 
 def gather_full_state_dict(model, use_grads: bool = False) -> dict[str, torch.Tensor]:
     """Every rank gets the full TP=1/PP=1 state dict (or the gradients, with ``use_grads``)."""
-    from nemo_loop.models.looplm.pipeline import unwrap_model
-
     model = unwrap_model(model)
     stage_dict = {}
     for global_name, local_name, param, tensor in _local_tensors(model, use_grads):
@@ -85,8 +84,6 @@ def gather_full_state_dict(model, use_grads: bool = False) -> dict[str, torch.Te
 @torch.no_grad()
 def load_full_state_dict(model, full: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Copy this rank's shard of a full TP=1/PP=1 state dict into ``model``."""
-    from nemo_loop.models.looplm.pipeline import unwrap_model
-
     model = unwrap_model(model)
     rank = parallel_state.get_tensor_model_parallel_rank()
     size = parallel_state.get_tensor_model_parallel_world_size()

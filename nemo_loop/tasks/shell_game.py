@@ -12,28 +12,31 @@ the shared layers can advance that state by a bounded number of swaps, so a Loop
 mixed lengths answers short games at any loop count and long games only with more loops —
 exactly the quality-vs-loops curve that loop compression has to preserve.
 
-Problems are text plus an answer word, encoded by a word-level ``tokenizer.json`` that this
-module writes (see :func:`write_tokenizer`); the rest of the project reads them through the
-same :class:`~nemo_loop.data.chat.ChatTokenizer` and prompt-set JSONL path as any math data.
-The splits are disjoint by construction: a problem's split is a hash of its text.
+Problems are text plus an answer word, encoded by a word-level tokenizer that is a function of
+the config (see :func:`build_tokenizer`; :func:`write_tokenizer` saves it as ``tokenizer.json``);
+the rest of the project reads them through the same :class:`~nemo_loop.data.chat.ChatTokenizer`
+and prompt-set JSONL path as any math data. The splits are disjoint by construction: a
+problem's split is a hash of its text.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nemo_loop.data.chat import END_OF_TEXT, IM_END, IM_START, ChatConfig
+from nemo_loop.data.chat import END_OF_TEXT, IM_END, IM_START, ChatConfig, ChatTokenizer
+from nemo_loop.data.prompts import PromptRecord
+from nemo_loop.tasks.answers import Verdict, check_exact
+from nemo_loop.tasks.base import NO_CONTEXT, Attempt, Task, TrainingExample
 
 SPLITS = ("train", "validation", "test")
 UNKNOWN = "<unk>"
 BALL, SEPARATOR, QUESTION, HINT = "ball", "|", "=", "hint"
-# The OPSD teacher context for this task (``teacher.context.answer_template``): the answer,
-# stated after the question. Pretraining shows it on ``hint_fraction`` of the sequences.
+# The OPSD teacher context for this task: the answer, stated after the question. Pretraining
+# shows it on ``hint_fraction`` of the sequences.
 HINT_TEMPLATE = HINT + " {answer}"
 # A game's split is its hash bucket: 2 of 10 buckets are test, 1 validation, 7 train.
 _HASH_BUCKETS = 10
@@ -52,13 +55,13 @@ class ShellGameConfig:
 
     def validate(self) -> None:
         if not 3 <= self.num_cups <= 9:
-            raise ValueError(f"data.num_cups must be in [3, 9] (two cups have no non-abelian "
+            raise ValueError(f"task.shell_game.num_cups must be in [3, 9] (two cups have no non-abelian "
                              f"swap group), got {self.num_cups}")
         if not 1 <= self.min_swaps <= self.num_swaps:
-            raise ValueError(f"data: need 1 <= min_swaps <= num_swaps, got min_swaps="
+            raise ValueError(f"task.shell_game: need 1 <= min_swaps <= num_swaps, got min_swaps="
                              f"{self.min_swaps}, num_swaps={self.num_swaps}")
         if not 0.0 <= self.hint_fraction <= 1.0:
-            raise ValueError(f"data.hint_fraction must be in [0, 1], got {self.hint_fraction}")
+            raise ValueError(f"task.shell_game.hint_fraction must be in [0, 1], got {self.hint_fraction}")
 
     def swaps(self) -> list[tuple[int, int]]:
         return [(i, j) for i in range(self.num_cups) for j in range(i + 1, self.num_cups)]
@@ -71,9 +74,6 @@ class ShellGameConfig:
 class Problem:
     text: str
     answer: str
-
-    def as_record(self, index: int) -> dict:
-        return {"id": str(index), "problem": self.text, "answer": self.answer}
 
 
 def play(config: ShellGameConfig, start: int, swaps: list[int]) -> int:
@@ -148,14 +148,6 @@ def problems(config: ShellGameConfig, split: str, count: int) -> list[Problem]:
     return list(chosen.values())
 
 
-def write_prompt_set(path: str | Path, items: list[Problem]) -> Path:
-    """JSONL with ``id``/``problem``/``answer`` fields, readable by ``load_prompt_set``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(p.as_record(i)) + "\n" for i, p in enumerate(items)))
-    return path
-
-
 # ----- tokenizer -----
 
 def vocabulary(config: ShellGameConfig) -> list[str]:
@@ -165,8 +157,8 @@ def vocabulary(config: ShellGameConfig) -> list[str]:
     return [END_OF_TEXT, IM_START, IM_END, UNKNOWN, BALL, SEPARATOR, QUESTION, HINT] + cups + swaps
 
 
-def write_tokenizer(config: ShellGameConfig, directory: str | Path) -> Path:
-    """A word-level ``tokenizer.json`` (whitespace split) for the task's vocabulary."""
+def build_tokenizer(config: ShellGameConfig):
+    """A word-level ``tokenizers.Tokenizer`` (whitespace split) for the task's vocabulary."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     words = vocabulary(config)
@@ -176,16 +168,78 @@ def write_tokenizer(config: ShellGameConfig, directory: str | Path) -> Path:
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
     tokenizer.add_special_tokens([AddedToken(t, special=True)
                                   for t in (END_OF_TEXT, IM_START, IM_END, UNKNOWN)])
+    return tokenizer
+
+
+def write_tokenizer(config: ShellGameConfig, directory: str | Path) -> Path:
+    """Save the task's tokenizer as ``directory/tokenizer.json`` (an artifact for other tools)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "tokenizer.json"
-    tokenizer.save(str(path))
+    build_tokenizer(config).save(str(path))
     return path
 
 
-def chat_config(tokenizer_dir: str | Path) -> ChatConfig:
-    """How the task's prompts are rendered: raw words, no system turn, no instruction."""
-    return ChatConfig(tokenizer_path=str(Path(tokenizer_dir).resolve()), system_prompt=None,
-                      instruction_suffix="", template="plain")
+# How the task's prompts are rendered: raw words, no system turn, no instruction.
+CHAT_CONFIG = ChatConfig(tokenizer_path="", system_prompt=None, instruction_suffix="",
+                         template="plain")
 
 
+class ShellGameTask(Task):
+    name = "shell_game"
+    # The vocabulary has words for an answer hint only: opsd hints the reference answer, sdpo
+    # the answer of a sibling rollout the verifier marked correct. There are no words for
+    # feedback or instructions (sdpo_verdict, opsdc), so sdpo masks out rollouts whose
+    # siblings all failed. none: the plain prompt needs no words.
+    context_kinds = ("opsd", "sdpo", "none")
+    synthetic = True
+
+    def validate(self) -> None:
+        self.config.validate()
+
+    def tokenizer(self, data_root=None) -> ChatTokenizer:
+        return ChatTokenizer(CHAT_CONFIG, build_tokenizer(self.config),
+                             source=f"shell_game(num_cups={self.config.num_cups})")
+
+    def check(self, response: str, reference: str) -> Verdict:
+        return check_exact(response, reference)
+
+    def teacher_context(self, kind: str, record: PromptRecord, verdict: Verdict,
+                        include_solution: bool = True, sibling: Attempt | None = None
+                        ) -> str | None:
+        self.check_context_kind(kind)
+        if kind == "none":
+            return NO_CONTEXT
+        if kind == "sdpo":
+            # A correct sibling's answer word (its first word) is the hint; no feedback words.
+            return None if sibling is None else HINT_TEMPLATE.format(
+                answer=sibling.verdict.extracted)
+        return HINT_TEMPLATE.format(answer=record.answer)
+
+    sft_needs_solutions = False
+
+    def sft_target(self, record: PromptRecord) -> str:
+        """The answer word is the whole reference response."""
+        return record.answer
+
+    def training_examples(self, count: int, generator: torch.Generator
+                          ) -> list[TrainingExample]:
+        """Training games of mixed length; ``hint_fraction`` of them state the answer first
+        (the OPSD teacher's context), so the teacher knows what the hint means."""
+        examples = []
+        for _ in range(count):
+            problem = draw(self.config, "train", generator)
+            hinted = float(torch.rand((), generator=generator)) < self.config.hint_fraction
+            context = HINT_TEMPLATE.format(answer=problem.answer) if hinted else None
+            examples.append(TrainingExample(problem.text, problem.answer, context))
+        return examples
+
+    def heldout_problems(self, split: str, count: int) -> list[PromptRecord]:
+        return [PromptRecord(p.text, p.answer, None, str(i))
+                for i, p in enumerate(problems(self.config, split, count))]
+
+    def max_sequence_tokens(self) -> int:
+        return self.config.max_prompt_words() + 2  # + answer and end of turn
+
+    def check_count(self, split: str, count: int) -> None:
+        check_count(self.config, split, count)

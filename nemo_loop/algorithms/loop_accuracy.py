@@ -1,4 +1,4 @@
-"""Accuracy at every loop budget for single-token answers (the shell game).
+"""Teacher-forced accuracy at every loop budget for single-token answers (pretraining monitor).
 
 With a one-token answer, greedy generation at R̃ loops emits argmax of loop R̃'s logits at the
 last prompt position, so one forward with the loop-dimension head scores every budget at once.

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from nemo_loop.evaluation.answers import (
+from nemo_loop.tasks.answers import (
     after_hash_marks,
     check_response,
     extract_answer,
     last_boxed,
+    stated_answer,
 )
 from nemo_loop.data.prompts import PromptSetError, load_prompt_set
-from nemo_loop.evaluation.benchmarks import BENCHMARKS, BenchmarkSpec
+from nemo_loop.data.prompts import BenchmarkSpec
+from nemo_loop.tasks.math import BENCHMARKS
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
@@ -44,6 +46,35 @@ def test_extract_answer_fallbacks():
     assert extract_answer("nothing numeric") is None
 
 
+def test_unboxed_final_answer_statements():
+    # A complete LaTeX expression wins over its last number (this used to extract 576).
+    assert extract_answer(r"The final answer is $\frac{1}{576}$.") == r"\frac{1}{576}"
+    # Minerva's format: the last statement counts, trailing prose is not part of it.
+    assert extract_answer("Final Answer: The final answer is $x=5$. I hope it is correct.\n"
+                          "Checked 3 times.") == "x=5"
+    assert extract_answer("**Answer:** \\(\\left(3, \\frac{\\pi}{2}\\right)\\)") == (
+        r"\left(3, \frac{\pi}{2}\right)")
+    # Display math on the next line; a full stop inside the math is sentence punctuation.
+    assert extract_answer("So the answer is\n\\[\n\\frac{3}{56}.\n\\]\nAlso 7.") == r"\frac{3}{56}"
+    # The statement's last math span; a full stop with a space after it ends the statement.
+    assert extract_answer(r"The answer is $\frac{4}{2}$, that is $2$. Not $5$.") == "2"
+    # Plain statements: an expression is taken whole, prose gives its first number.
+    assert extract_answer("Answer: (3, 4]") == "(3, 4]"
+    assert extract_answer("the answer is 0.15.") == "0.15"
+    assert extract_answer("The answer is 18 eggs, which is more than 7.") == "18"
+    assert extract_answer(r"The answer is \$1,080.") == "1080"
+    assert extract_answer("the answer is Evelyn.") == "Evelyn"
+    # \boxed and GSM8K's #### still come first.
+    assert extract_answer(r"The answer is $3$. Correction: $\boxed{4}$") == "4"
+    assert extract_answer("The answer is $3$.\n#### 4") == "4"
+    # A statement cut off mid-expression is skipped for an earlier complete one.
+    assert stated_answer(r"Answer: $12$. Re-checking, the answer is $\frac{1}{") == "12"
+    assert stated_answer(r"answer: \frac{1}{") is None
+    # "answer" that starts no statement, and no statement at all.
+    assert stated_answer("To answer this, add 2 and 3 to get 5.") is None
+    assert extract_answer("To answer this, add 2 and 3 to get 5.") == "5"
+
+
 # ----- verification on real records -----
 
 MATH500_CASES = [
@@ -63,6 +94,47 @@ MATH500_CASES = [
     ("test/counting_and_probability/508.json", r"\boxed{10080}", True),  # gold 10,\!080
     ("test/prealgebra/1003.json", r"\boxed{\frac{270}{7}}", True),  # gold has \text{ degrees}
 ]
+
+
+# Real MATH-500 references answered without \boxed, in the forms models write them.
+MATH500_UNBOXED_CASES = [
+    # (unique_id, response, expected, what extraction should return)
+    ("test/algebra/2584.json", r"The final answer is $\frac{14}{3}$.", True, r"\frac{14}{3}"),
+    ("test/algebra/2584.json", r"The final answer is $\frac{3}{14}$.", False, r"\frac{3}{14}"),
+    ("test/intermediate_algebra/1197.json", "Answer: \\(\\dfrac{3}{56}\\)", True,
+     r"\dfrac{3}{56}"),
+    ("test/algebra/2036.json", r"so the answer is $\sqrt{117}$.", True, r"\sqrt{117}"),
+    ("test/algebra/2036.json", r"so the answer is $3\sqrt{31}$.", False, r"3\sqrt{31}"),
+    ("test/precalculus/1105.json", r"The answer is $-\frac{\pi}{6}$.", True, r"-\frac{\pi}{6}"),
+    ("test/precalculus/1105.json", r"The answer is $\frac{\pi}{6}$.", False, r"\frac{\pi}{6}"),
+    ("test/precalculus/1199.json", "**Final Answer:** $\\pi$", True, r"\pi"),
+    ("test/intermediate_algebra/558.json", "The answer is (3, 4].", True, "(3, 4]"),
+    ("test/intermediate_algebra/558.json", r"The answer is $[3, 4)$.", False, "[3, 4)"),
+    ("test/intermediate_algebra/47.json", "Answer: $(-2, 1)$", True, "(-2, 1)"),
+    ("test/intermediate_algebra/956.json", "The final answer is $(6, 31, -1)$.", True,
+     "(6, 31, -1)"),
+    ("test/intermediate_algebra/956.json", "The final answer is $(6, 31, 1)$.", False,
+     "(6, 31, 1)"),
+    ("test/precalculus/807.json", "answer: \\(\\left(3, \\tfrac{\\pi}{2}\\right)\\)", True,
+     r"\left(3, \tfrac{\pi}{2}\right)"),
+    ("test/algebra/1349.json", r"The final answer is $\text{Evelyn}$.", True, r"\text{Evelyn}"),
+    ("test/algebra/1349.json", "The answer is Evelyn.", True, "Evelyn"),
+    ("test/algebra/1349.json", "The answer is Bob.", False, "Bob"),
+    ("test/prealgebra/105.json", "The answer is east.", True, "east"),
+    ("test/precalculus/990.json", "Answer: $6-5i$", True, "6-5i"),
+    ("test/intermediate_algebra/662.json", r"The answer is $1 \pm \sqrt{19}$.", True,
+     r"1 \pm \sqrt{19}"),
+    ("test/precalculus/927.json", r"The answer is $90^\circ$.", True, r"90^\circ"),
+]
+
+
+@pytest.mark.parametrize("problem_id,response,expected,extracted", MATH500_UNBOXED_CASES)
+def test_math500_unboxed_answers(problem_id, response, expected, extracted):
+    gold = _by_id("math500", problem_id).answer
+    verdict = check_response(response, gold)
+    assert verdict.error is None
+    assert verdict.extracted == extracted
+    assert verdict.correct is expected, (gold, verdict)
 
 
 @pytest.mark.parametrize("problem_id,response,expected", MATH500_CASES)
@@ -150,7 +222,7 @@ def test_missing_field_names_field_file_and_line(tmp_path):
 def test_verification_timeout_is_an_incorrect_sample_with_an_error(monkeypatch):
     from math_verify.errors import TimeoutException
 
-    from nemo_loop.evaluation import answers
+    from nemo_loop.tasks import answers
 
     def times_out(*args, **kwargs):
         raise TimeoutException("Operation timed out!")

@@ -1,7 +1,8 @@
 """Final-answer extraction from model output and equivalence checking with math-verify.
 
 Extraction order: the last ``\\boxed{...}`` / ``\\fbox{...}`` (braces may nest; ``\\boxed 5``
-also counts), then GSM8K's ``#### n``, then the last number in the text. Equivalence is decided
+also counts), then GSM8K's ``#### n``, then the last unboxed answer statement ("The final answer
+is $\\frac{1}{576}$.", "Answer: (3, 4]"), then the last number in the text. Equivalence is decided
 by math-verify (sympy-backed: ``\\frac{1}{2}`` = ``0.5``, ``27.0`` = ``27``, intervals, sets,
 ``\\sqrt``), each parse and comparison under a time limit. Anything that goes wrong while checking
 one sample makes that sample incorrect and is reported in ``Verdict.error``; it never propagates.
@@ -14,9 +15,17 @@ import re
 import threading
 from dataclasses import dataclass
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+from nemo_loop.data.answer_formats import after_hash_marks, gold_to_text, last_boxed
+
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-_HASH_ANSWER = re.compile(r"####\s*([^\n]+)")
+# "answer is", "answer:", "Answer = ", "**Final Answer:**", "answer would be"; what follows (after
+# any markdown bold or colon) is the statement.
+_ANSWER_MARKER = re.compile(r"\banswer\b\**\s*(?:is\b|would\s+be\b|=|:)[\s*:]*", re.IGNORECASE)
+# Longer openers first: "$$" must not be read as an empty "$...$".
+_MATH_DELIMITERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
+_LATEX_COMMAND = re.compile(r"\\(?:text|mathrm|textbf|mbox)\{[^{}]*\}|\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+_MATH_WORDS = frozenset({"pi", "sin", "cos", "tan", "cot", "log", "ln", "exp", "sqrt", "inf"})
 
 
 @dataclass(frozen=True)
@@ -28,52 +37,71 @@ class Verdict:
 
 # ----- extraction -----
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last well-formed ``\\boxed``/``\\fbox`` in ``text``.
+def stated_answer(text: str) -> str | None:
+    """The answer of the last unboxed answer statement ("the final answer is ...", "Answer: ...").
 
-    A truncated box (unbalanced braces, typical of a generation cut at max_new_tokens) is skipped
-    in favour of an earlier complete one.
+    A statement runs to the end of its line or sentence (a full stop outside math). When it holds
+    math (``$...$``, ``$$...$$``, ``\\(...\\)``, ``\\[...\\]``) the last math span is the answer,
+    so ``$\\frac{1}{576}$`` gives the whole fraction rather than 576. Otherwise the plain text is
+    the answer when it reads as one expression (``(3, 4]``, ``\\frac{1}{2}``, ``x = 5``, ``Evelyn``)
+    and its first number when it is prose ("18 eggs, which is more than 7" → 18).
     """
-    end = len(text)
-    while True:
-        start, command = _last_box_command(text, end)
-        if start < 0:
-            return None
-        content = _box_argument(text, start + len(command))
-        if content is not None:
-            return content.strip()
-        end = start
-
-
-def _last_box_command(text: str, end: int) -> tuple[int, str]:
-    found = [(text.rfind(command, 0, end), command) for command in _BOX_COMMANDS]
-    return max(found)
-
-
-def _box_argument(text: str, position: int) -> str | None:
-    if position < len(text) and text[position] == "{":
-        depth = 0
-        for index in range(position, len(text)):
-            if text[index] == "{":
-                depth += 1
-            elif text[index] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[position + 1:index]
-        return None
-    if position < len(text) and text[position] == " ":
-        # "\boxed 5": the argument is the next run of non-space characters, up to "$".
-        match = re.match(r" +([^\s$]+)", text[position:])
-        return match.group(1) if match else None
+    for marker in reversed(list(_ANSWER_MARKER.finditer(text))):
+        maths, plain = _split_statement(text, marker.end())
+        answer = maths[-1] if maths else _plain_answer(plain)
+        if answer:
+            return answer
     return None
 
 
-def after_hash_marks(text: str) -> str | None:
-    """GSM8K's final answer: what follows the last ``####`` (thousands separators removed)."""
-    matches = _HASH_ANSWER.findall(text)
-    if not matches:
+def _split_statement(text: str, start: int) -> tuple[list[str], str]:
+    """The math spans and the plain text of the statement that begins at ``start``."""
+    maths, plain = [], []
+    index = start
+    while index < len(text):
+        if text.startswith("\\$", index):  # an escaped dollar sign is currency, not math
+            index += 2
+            continue
+        delimiter = next((pair for pair in _MATH_DELIMITERS if text.startswith(pair[0], index)),
+                         None)
+        if delimiter is not None:
+            opener, closer = delimiter
+            end = text.find(closer, index + len(opener))
+            if end < 0:
+                if opener == "$":  # a lone dollar sign is currency ("the answer is $18.")
+                    index += 1
+                    continue
+                break  # math cut off by the end of the generation
+            content = _strip_math(text[index + len(opener):end])
+            if content:
+                maths.append(content)
+            index = end + len(closer)
+            continue
+        char = text[index]
+        if char == "\n" or (char == "." and (index + 1 == len(text) or text[index + 1].isspace())):
+            break
+        plain.append(char)
+        index += 1
+    return maths, "".join(plain)
+
+
+def _strip_math(content: str) -> str:
+    content = content.strip().removeprefix("\\displaystyle").strip()
+    # Sentence punctuation written inside the math ("$\\frac{1}{576}.$") is not part of it.
+    return re.sub(r"(?:[.,;]|\\[,;!]|\\quad)+$", "", content).strip()
+
+
+def _plain_answer(plain: str) -> str | None:
+    answer = plain.strip().strip("*").strip().rstrip(".,;:!").strip()
+    if not answer or answer.count("{") != answer.count("}"):  # empty, or cut off mid-expression
         return None
-    return matches[-1].strip().replace(",", "").rstrip(".") or None
+    words = set(_WORD.findall(_LATEX_COMMAND.sub(" ", answer))) - _MATH_WORDS
+    numbers = _NUMBER.findall(answer)
+    if words and numbers:  # prose around a number: "204 minutes", "18 eggs, more than 7"
+        return numbers[0].replace(",", "")
+    if _NUMBER.fullmatch(answer):  # "1,080": thousands separators, not a pair
+        return answer.replace(",", "")
+    return answer
 
 
 def last_number(text: str) -> str | None:
@@ -82,20 +110,11 @@ def last_number(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    for extractor in (last_boxed, after_hash_marks, last_number):
+    for extractor in (last_boxed, after_hash_marks, stated_answer, last_number):
         answer = extractor(text)
         if answer:
             return answer
     return None
-
-
-def gold_to_text(value) -> str:
-    """Reference answers arrive as str, int or float (AMC23 stores 27.0); make them LaTeX text."""
-    if isinstance(value, bool):
-        raise TypeError(f"a boolean is not a reference answer: {value!r}")
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
 
 
 # ----- verification -----
@@ -156,38 +175,9 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
-def math_verifier(response_text: str, gold) -> tuple[str | None, bool]:
-    """The (extracted answer, is it correct) pair LLOPSD's contexts and metrics use."""
-    verdict = check_response(response_text, gold)
-    return verdict.extracted, verdict.correct
-
-
 def check_exact(response: str, gold) -> Verdict:
     """Synthetic tasks whose answer is one word: the response's first word must equal it."""
     words = response.split()
     if not words:
         return Verdict(False, None)
     return Verdict(words[0] == gold_to_text(gold), words[0])
-
-
-ANSWER_CHECKERS = ("math", "exact")
-
-
-def check_answer(checker: str, response: str, gold, timeout_s: int = 5) -> Verdict:
-    """``math``: final answer + math-verify equivalence; ``exact``: first word equals gold."""
-    if checker == "exact":
-        return check_exact(response, gold)
-    if checker == "math":
-        return check_response(response, gold, timeout_s)
-    raise ValueError(f"answer checker must be one of {ANSWER_CHECKERS}, got {checker!r}")
-
-
-def verifier_for(checker: str):
-    """The (response text, gold) → (extracted, correct) callable LLOPSD takes."""
-    if checker not in ANSWER_CHECKERS:
-        raise ValueError(f"answer checker must be one of {ANSWER_CHECKERS}, got {checker!r}")
-
-    def verifier(response_text: str, gold) -> tuple[str | None, bool]:
-        verdict = check_answer(checker, response_text, gold)
-        return verdict.extracted, verdict.correct
-    return verifier

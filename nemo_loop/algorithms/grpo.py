@@ -1,0 +1,358 @@
+"""GRPO on the LoopLM's student loop budget R̃: config, setup, step and train.
+
+Each step: sample prompts; generate G = ``rollout.samples_per_prompt`` rollouts per prompt at R̃
+loops with the engine (``nemo_loop.algorithms.rollouts``); reward 1/0 from the task's verifier;
+group-normalised advantages Â_i = (r_i − mean)/(std + ε) on every token of y_i; then
+``trainer.updates_per_batch`` optimizer steps on the PPO-clip objective at loop R̃ with the
+rollout-time log-probs as π_old (with one update the policy is the one that sampled: ρ = 1 up
+to the engine's numerics and the gradient is the plain policy gradient), plus β·k3 KL to a
+frozen reference (the initial weights; none when β = 0); finally the engine is refit.
+
+RLTT (``rltt.py``) and OISD (``oisd.py``) are the same loop with another :class:`Objective`: it
+names the loops the loss reads out, computes one micro-batch's loss and may hold trainable
+state of its own (RLTT's learned loop weights). Everything else — rollouts, micro-batches,
+reference log-probs, the optimizer step, checkpoints, resume, logging — is this file's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
+
+from nemo_loop.algorithms import step_flops
+from nemo_loop.algorithms.common import (
+    OptimConfig,
+    build_trainable_model,
+    train_step,
+)
+from nemo_loop.algorithms.rollouts import (
+    RolloutBatch,
+    RolloutConfig,
+    collect_rollouts,
+    global_token_weights,
+    micro_batch_rows,
+    validate_rollout_run,
+)
+from nemo_loop.algorithms.training_run import (
+    CheckpointConfig,
+    CheckpointedTrainerConfig,
+    TrainingRun,
+    checkpoint_root,
+)
+from nemo_loop.data.chat import ChatTokenizer
+from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
+from nemo_loop.generation.backend import GenerationConfig, build_engine
+from nemo_loop.generation.engine import GenerationEngine
+from nemo_loop.losses.policy_gradient import (
+    PolicyLossConfig,
+    group_advantages,
+    grpo_loss,
+)
+from nemo_loop.losses.token_logprobs import token_logprobs
+from nemo_loop.models.looplm.config import LoopModelConfig
+from nemo_loop.models.looplm.model import LoopOutput
+from nemo_loop.models.looplm.pipeline import forward_backward_loops
+from nemo_loop.tasks import Task, TaskConfig, build_task
+from nemo_loop.utils.distributed import ParallelConfig
+from nemo_loop.utils.logging import WandbConfig
+
+
+@dataclass
+class GRPOTrainerConfig(CheckpointedTrainerConfig):
+    # save_interval, checkpoint_dir, resume, overwrite, init_from: CheckpointedTrainerConfig
+    max_steps: int = 4
+    prompts_per_step: int = 4  # global, across data-parallel ranks; G rollouts each
+    micro_batch_size: int = 8  # rollouts per micro-batch
+    updates_per_batch: int = 1  # optimizer steps on each batch of rollouts (1: on-policy)
+    log_interval: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class GRPOConfig:
+    ALGORITHM: ClassVar[str] = "GRPO"
+
+    model: LoopModelConfig = field(default_factory=LoopModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
+    # Defaults: the published RLTT code's (G = 8, lr 1e-6, KL 0.001, grad clip 0.1,
+    # temperature 1.0), so that GRPO and RLTT differ only in their objective.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-6, min_lr=1e-6, clip_grad=0.1, decay_style="constant"))
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)  # kl_coef 0.001
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(
+        samples_per_prompt=8, temperature=1.0))
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # rollout engine
+    task: TaskConfig = field(default_factory=TaskConfig)  # prompts, verifier → rewards
+    data: PromptSetConfig = field(default_factory=PromptSetConfig)  # the training prompts
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    output_dir: str = "runs/grpo"
+
+    def validate(self, world_size: int | None = None, check_paths: bool = True) -> None:
+        validate_rollout_run(self, world_size, check_paths, self.ALGORITHM)
+        self.loss.validate()
+        if self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"rollout.samples_per_prompt (G) must be >= 2 for "
+                             f"{self.ALGORITHM}: group-normalised advantages need a group, got "
+                             f"G={self.rollout.samples_per_prompt}")
+        if self.trainer.updates_per_batch < 1:
+            raise ValueError(f"trainer.updates_per_batch must be >= 1, got "
+                             f"{self.trainer.updates_per_batch}")
+
+    def checkpoint_root(self) -> Path:
+        return checkpoint_root(self)
+
+
+class Objective:
+    """GRPO's objective at the final loop R̃. Subclasses change what the loss reads and adds."""
+
+    def __init__(self, config: GRPOConfig, model: torch.nn.Module):
+        self.config = config
+        self.model = model  # this rank's LoopGPTModel (not the DDP wrapper)
+        self.student_loops = config.rollout.student_loops
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def logit_loops(self) -> list[int]:
+        """The loops whose readouts the loss reads (the LoopOutput's ``readouts`` rows)."""
+        return [self.student_loops]
+
+    def extra_modules(self) -> dict:
+        """Trainable or fixed modules to checkpoint beside the model."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """JSON state to checkpoint (e.g. a small optimizer's moments)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def recording(self):
+        """A context active during each update's forward/backward (e.g. an attention probe)."""
+        return contextlib.nullcontext()
+
+    def before_update(self) -> None:
+        pass
+
+    def after_update(self) -> None:
+        pass
+
+    def final_logprobs(self, micro_batch: dict, output: LoopOutput
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p^(R̃)(y), entropy) ``[T, b]`` from the last readout of ``output``."""
+        window = micro_batch["response_window"]
+        return token_logprobs(output.readouts[-1, window], self.model.output_weight(),
+                              micro_batch["token_ids"], self.tp_group,
+                              self.config.loss.chunk_size)
+
+    def loss(self, micro_batch: dict, output: LoopOutput) -> tuple[torch.Tensor, dict]:
+        logp, entropy = self.final_logprobs(micro_batch, output)
+        loss, metrics = grpo_loss(logp, micro_batch["old_logprobs"], micro_batch["advantages"],
+                                  micro_batch["weights"], self.config.loss,
+                                  micro_batch.get("reference_logprobs"))
+        metrics["entropy"] = (micro_batch["weights"] * entropy).sum()
+        return scaled(loss, metrics, micro_batch)
+
+
+def scaled(loss: torch.Tensor, metrics: dict, micro_batch: dict,
+           reported_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss to back-propagate and metrics that ``train_step`` averages into global values.
+
+    The token weights sum to 1 over all ranks' tokens, so Σ w·ℓ summed over this rank's
+    micro-batches and over ranks is the global loss; DDP averages gradients over the DP group,
+    hence the factor DP on the loss. ``train_step`` averages metrics over micro-batches and
+    ranks, hence the factor DP × micro-batches on the metrics. ``reported_loss`` is the value
+    to log when this rank back-propagates only its share of a term (OISD's attention heads).
+    """
+    metrics = {name: value * micro_batch["metric_scale"] for name, value in metrics.items()}
+    reported = (loss if reported_loss is None else reported_loss).detach()
+    metrics["loss"] = reported * micro_batch["metric_scale"]
+    return loss * micro_batch["loss_scale"], metrics
+
+
+@dataclass
+class GRPOState:
+    config: GRPOConfig
+    ddp_model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    reference_model: torch.nn.Module | None  # the initial weights; None when loss.kl_coef = 0
+    objective: Objective
+    engine: GenerationEngine | None  # built once the weights are final (after resume)
+    task: Task
+    tokenizer: ChatTokenizer
+    records: list
+    sampler: PromptSampler
+    run: TrainingRun
+    step: int = 0
+
+
+def setup(config: GRPOConfig, objective_class: type[Objective] = Objective) -> GRPOState:
+    config.validate(torch.distributed.get_world_size())
+    task = build_task(config.task)
+    tokenizer = task.tokenizer()
+    tokenizer.check_fits(config.model.vocab_size)
+    uses_reference = config.loss.kl_coef > 0
+    run = TrainingRun(config, tokenizer, model_copies=2 if uses_reference else 1)
+    trainable = build_trainable_model(config, run)
+    model, ddp_model = trainable.model, trainable.ddp_model
+    optimizer, scheduler = trainable.optimizer, trainable.scheduler
+    reference = trainable.frozen_copy() if uses_reference else None
+    records = load_prompt_set(config.data)
+    state = GRPOState(config, ddp_model, optimizer, scheduler, reference,
+                      objective_class(config, model), None, task, tokenizer, records,
+                      PromptSampler(len(records), config.trainer.seed), run)
+    trainer_state = run.resume(ddp_model, optimizer, scheduler, _extra_modules(state))
+    if trainer_state is not None:
+        state.step = trainer_state["step"]
+        state.sampler.load_state_dict(trainer_state["data_position"])
+        state.objective.load_state_dict(trainer_state.get("objective", {}))
+    # After resume: a vLLM engine starts with a copy of the weights it is built from.
+    state.engine = build_engine(config.generation, model)
+    return state
+
+
+def _extra_modules(state: GRPOState) -> dict:
+    modules = dict(state.objective.extra_modules())
+    if state.reference_model is not None:
+        modules["reference"] = state.reference_model
+    return modules
+
+
+def save(state: GRPOState) -> Path:
+    return state.run.save(state.step, state.ddp_model, state.optimizer, state.scheduler,
+                          _extra_modules(state),
+                          {"data_position": state.sampler.state_dict(),
+                           "objective": state.objective.state_dict()})
+
+
+def policy_micro_batches(state: GRPOState, rollouts: RolloutBatch) -> list[dict]:
+    """This rank's micro-batches: aligned sequences, response ids/mask, aggregation weights,
+    rollout-time log-probs (π_old) and group-normalised advantages."""
+    config = state.config
+    pad = state.tokenizer.pad_id
+    batch = rollouts.sequences(pad)
+    token_ids, loss_mask = rollouts.targets(batch.response_length, pad)
+    weights = global_token_weights(loss_mask, config.loss.aggregation)
+    old_logprobs = rollouts.rollout_logprobs(batch.response_length)
+    advantages = group_advantages(rollouts.rewards(), rollouts.samples_per_prompt,
+                                  config.loss.advantage_eps)
+    rows = micro_batch_rows(len(rollouts), config.trainer.micro_batch_size)
+    data_parallel = parallel_state.get_data_parallel_world_size()
+    micro_batches = []
+    for index, row in enumerate(rows):
+        micro_batch = batch.as_micro_batch(row)
+        micro_batch.update(
+            token_ids=token_ids[:, row], loss_mask=loss_mask[:, row], weights=weights[:, row],
+            old_logprobs=old_logprobs[:, row], advantages=advantages[row],
+            rollouts=rollouts.rollouts[row], response_window=batch.response_window,
+            prompt_length=batch.prompt_length, index=index, num_micro_batches=len(rows),
+            loss_scale=data_parallel, metric_scale=data_parallel * len(rows), step=state.step)
+        micro_batches.append(micro_batch)
+    return micro_batches
+
+
+@torch.no_grad()
+def add_reference_logprobs(state: GRPOState, micro_batches: list[dict]) -> None:
+    """log π_ref(y) at loop R̃ of the frozen reference, per micro-batch (for the k3 KL)."""
+    reference, loops = state.reference_model, state.config.rollout.student_loops
+    outputs = forward_backward_loops(reference, micro_batches, None, num_loops=loops,
+                                     logit_loops=[loops], compute_logits=False, forward_only=True)
+    group = parallel_state.get_tensor_model_parallel_group()
+    for micro_batch, output in zip(micro_batches, outputs):
+        logp, _ = token_logprobs(output.readouts[-1, micro_batch["response_window"]],
+                                 reference.output_weight(), micro_batch["token_ids"], group,
+                                 state.config.loss.chunk_size)
+        micro_batch["reference_logprobs"] = logp
+
+
+def train_on_rollouts(state: GRPOState, rollouts: RolloutBatch) -> dict:
+    """``trainer.updates_per_batch`` optimizer steps on this rank's rollouts, then the engine
+    is refit and the step counted. Metrics are averaged over the updates."""
+    config = state.config
+    timings = {}
+    micro_batches = policy_micro_batches(state, rollouts)
+    phase = time.perf_counter()
+    if state.reference_model is not None:
+        add_reference_logprobs(state, micro_batches)
+    timings["time_reference_s"] = time.perf_counter() - phase
+
+    objective = state.objective
+    updates = []
+    for _ in range(config.trainer.updates_per_batch):
+        objective.before_update()
+        with objective.recording():
+            updates.append(train_step(state.ddp_model, state.optimizer, state.scheduler,
+                                      micro_batches, objective.loss,
+                                      num_loops=config.rollout.student_loops,
+                                      logit_loops=objective.logit_loops(),
+                                      compute_logits=False))
+        objective.after_update()
+    metrics = _mean_over_updates(updates)
+    timings["time_update_s"] = metrics.pop("time_forward_backward_s") + metrics.pop(
+        "time_optimizer_s")
+
+    phase = time.perf_counter()
+    refit = state.engine.refit(unwrap_model(state.ddp_model))
+    timings["time_refit_s"] = time.perf_counter() - phase
+    state.step += 1
+    metrics.update(timings)
+    metrics.update(rollouts.metrics())
+    metrics["refit_s"] = getattr(refit, "seconds", float("nan"))
+    return metrics
+
+
+def _mean_over_updates(updates: list[dict]) -> dict:
+    if len(updates) == 1:
+        return updates[0]
+    merged = {}
+    for key, value in updates[0].items():
+        values = [update[key] for update in updates]
+        if isinstance(value, list):
+            merged[key] = [sum(column) / len(values) for column in zip(*values)]
+        elif isinstance(value, bool):
+            merged[key] = any(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged
+
+
+def policy_step(state: GRPOState) -> dict:
+    """One step of GRPO (or of RLTT/OISD, whose states carry their objective)."""
+    started = time.perf_counter()
+    rollouts = collect_rollouts(state)
+    generated = time.perf_counter()
+    metrics = train_on_rollouts(state, rollouts)
+    metrics["time_generate_s"] = generated - started
+    metrics["step_time_s"] = time.perf_counter() - started
+    metrics.update(step_flops.policy(state.config, rollouts, state.objective.logit_loops(),
+                                     state.reference_model is not None, metrics["step_time_s"]))
+    return metrics
+
+
+def format_step(step: int, metrics: dict) -> str:
+    kl = f" | kl {metrics['kl']:.4f}" if "kl" in metrics else ""
+    return (f"step {step:4d} | loss {metrics.get('loss', float('nan')):.4f} | reward "
+            f"{metrics['rollout_accuracy']:.2f} | len {metrics['rollout_length']:.1f} | entropy "
+            f"{metrics.get('entropy', float('nan')):.3f}{kl} | clip "
+            f"{metrics.get('clip_fraction', 0.0):.2f} | {metrics['step_time_s']:.2f}s")
+
+
+def train_policy(config: GRPOConfig, objective_class: type[Objective] = Objective
+                 ) -> list[dict]:
+    """Train to ``trainer.max_steps`` (resuming from the newest checkpoint), saving at
+    ``trainer.save_interval``, at the end and on preemption."""
+    state = setup(config, objective_class)
+    return state.run.train(state, policy_step, save, format_step)
+
+
+def train(config: GRPOConfig) -> list[dict]:
+    return train_policy(config, Objective)

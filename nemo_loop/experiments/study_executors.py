@@ -1,0 +1,204 @@
+"""Where a study's units run: one after the other on this machine, or as Slurm job arrays.
+
+Both launch the same command per unit, ``recipes/study.py unit <study dir> ...``, in its own
+process tree (a crash or an OOM kill fails that unit only), and both skip units that are done,
+so a killed study continues where it stopped and a rerun retries what failed.
+
+* ``local``: units in order (each seed's shared phases, then its cells), output to
+  ``logs/<unit>.log``; ``executor.nproc_per_node`` > 1 launches each unit with torchrun. A cell
+  whose shared unit failed is recorded as failed without running. Then the report.
+* ``slurm``: one job array for the pending shared units, one job array with a task per pending
+  cell (``--dependency=afterok`` on the first; if a shared task fails, the cells are cancelled
+  and reported missing), and a report job after both (``afterany``). The batch scripts source
+  ``slurm/common.sh``: srun launch, container, NCCL settings, and checkpoint-and-requeue on the
+  pre-timeout signal. They are written to ``slurm/submission-<k>/``; ``--dry-run`` prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nemo_loop.experiments.study import Study, Unit
+from nemo_loop.experiments.study_units import FAILED, is_done, read_unit, record_failure
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = "recipes/study.py"
+
+
+# ----- local -----
+
+def unit_command(study: Study, unit: Unit, log: Path) -> list[str]:
+    command = [RECIPE, "unit", str(study.root), unit.name, "--log", str(log)]
+    processes = study.config.executor.nproc_per_node
+    if processes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={processes}", *command]
+    return [sys.executable, *command]
+
+
+def run_local(study: Study) -> dict[str, str]:
+    """Every unit that is not done, in order; returns unit → state."""
+    states = {}
+    units = study.units()
+    for index, unit in enumerate(units, start=1):
+        prefix = f"[study {study.config.name}] {index}/{len(units)} {unit.name}"
+        if is_done(study.root, unit.name):
+            states[unit.name] = "done (skipped)"
+            print(f"{prefix}: done earlier, skipped", flush=True)
+            continue
+        log = study.root / "logs" / f"{unit.name}.log"
+        if unit.kind == "cell":
+            shared = study.shared_unit_of(unit)
+            if not is_done(study.root, shared.name):
+                shared_log = (read_unit(study.root, shared.name) or {}).get("log")
+                record_failure(study, unit, shared_log, f"not run: its shared unit "
+                               f"{shared.name} did not finish (log: {shared_log})")
+                states[unit.name] = FAILED
+                print(f"{prefix}: not run, shared unit {shared.name} failed", flush=True)
+                continue
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"{prefix}: running, log {log}", flush=True)
+        started = time.perf_counter()
+        with log.open("a") as output:
+            returncode = subprocess.run(unit_command(study, unit, log), cwd=REPO,
+                                        stdout=output, stderr=subprocess.STDOUT).returncode
+        record = read_unit(study.root, unit.name)
+        if returncode and (record is None or record["state"] != FAILED):
+            # killed before it could record itself (signal, out of memory)
+            record_failure(study, unit, str(log), f"exit code {returncode}")
+        state = (read_unit(study.root, unit.name) or {}).get("state", FAILED)
+        states[unit.name] = state
+        print(f"{prefix}: {state} in {time.perf_counter() - started:.0f} s"
+              + (f" (see {log})" if state == FAILED else ""), flush=True)
+    return states
+
+
+# ----- Slurm -----
+
+def _sbatch_header(study: Study, job_name: str, log_pattern: str, array: bool) -> list[str]:
+    slurm = study.config.executor.slurm
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name={job_name}"]
+    if array:
+        lines += [f"#SBATCH --nodes={slurm.nodes}",
+                  f"#SBATCH --ntasks-per-node={slurm.ntasks_per_node}"]
+        if slurm.gpus_per_node:
+            lines.append(f"#SBATCH --gpus-per-node={slurm.gpus_per_node}")
+        lines += ["#SBATCH --requeue", f"#SBATCH --signal=USR1@{slurm.signal_seconds}"]
+    else:
+        lines += ["#SBATCH --nodes=1", "#SBATCH --ntasks=1"]
+    if slurm.cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={slurm.cpus_per_task}")
+    lines.append(f"#SBATCH --time={slurm.time}")
+    for option in ("partition", "account"):
+        if getattr(slurm, option):
+            lines.append(f"#SBATCH --{option}={getattr(slurm, option)}")
+    lines += [f"#SBATCH --output={log_pattern}", "#SBATCH --open-mode=append"]
+    lines += [f"#SBATCH {option}" for option in slurm.extra_args]
+    return lines
+
+
+def _script(study: Study, stage: str, units_file: Path | None) -> str:
+    logs = study.root.resolve() / "logs" / "slurm"
+    root = shlex.quote(str(study.root.resolve()))
+    job_name = f"{study.config.name}-{stage}"
+    if units_file is None:  # the report
+        header = _sbatch_header(study, job_name, f"{logs}/%x-%j.out", array=False)
+        what = "the study's report, after every unit"
+        command = f'launch "$PYTHON" {RECIPE} report {root}'
+    else:
+        header = _sbatch_header(study, job_name, f"{logs}/%x-%A_%a.out", array=True)
+        what = f"one array task per {stage} unit, listed in {units_file.name}"
+        log = f'{logs}/${{SLURM_JOB_NAME}}-${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}.out'
+        command = (f'launch_requeueable "$PYTHON" {RECIPE} unit {root} --units-file '
+                   f'{shlex.quote(str(units_file.resolve()))} --index '
+                   f'"$SLURM_ARRAY_TASK_ID" --log "{log}"')
+    return "\n".join(header + [
+        f"# Study {study.config.name}: {what}.",
+        f"# Written by {RECIPE}; environment knobs (CONTAINER_IMAGE=none, PYTHON, ...):",
+        "# slurm/common.sh.",
+        "set -euo pipefail",
+        f"REPO_DIR={shlex.quote(str(REPO))}",
+        "# shellcheck source=slurm/common.sh",
+        'source "$REPO_DIR/slurm/common.sh"',
+        'cd "$REPO_DIR"',
+        command, ""])
+
+
+def _next_submission_dir(study: Study) -> Path:
+    base = study.root / "slurm"
+    count = len(list(base.glob("submission-*"))) if base.is_dir() else 0
+    return base / f"submission-{count + 1}"
+
+
+def submit_slurm(study: Study, dry_run: bool = False, env: dict | None = None) -> dict:
+    """Submit the pending units (or print what would be submitted); returns the job ids and
+    the scripts by stage."""
+    pending = [unit for unit in study.units() if not is_done(study.root, unit.name)]
+    stages = {"shared": [u for u in pending if u.kind == "shared"],
+              "cells": [u for u in pending if u.kind == "cell"]}
+    directory = _next_submission_dir(study)
+    throttle = study.config.executor.slurm.max_concurrent
+    submitted: dict = {"directory": str(directory), "jobs": {}, "scripts": {}, "units": {}}
+    dependency: list[str] = []
+    for stage in ("shared", "cells", "report"):
+        units = stages.get(stage)
+        if units == []:
+            continue
+        units_file = None if units is None else directory / f"{stage}-units.json"
+        script = _script(study, stage, units_file)
+        options = []
+        if units is not None:
+            options.append(f"--array=0-{len(units) - 1}" + (f"%{throttle}" if throttle else ""))
+            submitted["units"][stage] = [unit.name for unit in units]
+        if dependency:
+            kind = "afterany" if stage == "report" else "afterok"
+            options.append(f"--dependency={kind}:{':'.join(dependency)}")
+            if kind == "afterok":
+                options.append("--kill-on-invalid-dep=yes")
+        path = directory / f"{stage}.sbatch"
+        submitted["scripts"][stage] = script
+        if dry_run:
+            print(f"# ---- {path} ----\n{script}\n# submit: sbatch --parsable "
+                  f"{' '.join(options)} {path}\n", flush=True)
+            dependency.append(f"<{stage} job id>")
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
+        (study.root / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
+        if units_file is not None:
+            units_file.write_text(json.dumps([unit.name for unit in units], indent=1))
+        path.write_text(script)
+        result = subprocess.run(["sbatch", "--parsable", *options, str(path)], cwd=REPO,
+                                env=env, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"sbatch {path} failed ({result.returncode}): {result.stderr}")
+        job_id = result.stdout.strip().split(";")[0]
+        submitted["jobs"][stage] = job_id
+        dependency.append(job_id)
+        print(f"[study {study.config.name}] submitted {stage}: job {job_id}"
+              + (f" ({len(units)} array tasks)" if units else ""), flush=True)
+    if not dry_run:
+        (directory / "submitted.json").write_text(json.dumps(
+            {key: submitted[key] for key in ("jobs", "units")}, indent=1))
+    return submitted
+
+
+def slurm_log(study: Study, unit_name: str) -> str | None:
+    """Where the newest submission's array task for ``unit_name`` writes its output."""
+    base = study.root / "slurm"
+    for directory in sorted(base.glob("submission-*"),
+                            key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        path = directory / "submitted.json"
+        if not path.is_file():
+            continue
+        submitted = json.loads(path.read_text())
+        for stage, names in submitted["units"].items():
+            if unit_name in names and stage in submitted["jobs"]:
+                return str(study.root.resolve() / "logs" / "slurm" / (
+                    f"{study.config.name}-{stage}-{submitted['jobs'][stage]}_"
+                    f"{names.index(unit_name)}.out"))
+    return None

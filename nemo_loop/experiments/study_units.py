@@ -1,0 +1,169 @@
+"""One unit of a study, in this process: a seed's shared phases, or one cell at one seed.
+
+A unit runs the phases of :mod:`nemo_loop.experiments.compression` (every training run resumes
+from its newest checkpoint, so a killed or requeued unit continues) and records itself in
+``units/<unit>.json``: ``state`` (done or failed), the log path, the error of a failure, the
+wall-clock per phase and its results — per loop budget the accuracy, every held-out problem's
+correctness (what paired differences pair on), the inference FLOPs per problem — and the
+training FLOPs of the run it trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from nemo_loop.experiments.compression import (
+    PRETRAINED,
+    CompressionExperimentConfig,
+    PhaseClock,
+    evaluate_model,
+    pretrain_phase,
+    train_student,
+    write_prompt_sets,
+)
+from nemo_loop.experiments.study import Study, StudyError, Unit
+from nemo_loop.utils.flops import LoopShape, generation_flops
+
+UNITS_DIR = "units"
+DONE, FAILED = "done", "failed"
+
+
+def unit_path(root: Path, name: str) -> Path:
+    return Path(root) / UNITS_DIR / f"{name}.json"
+
+
+def read_unit(root: Path, name: str) -> dict | None:
+    path = unit_path(root, name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_done(root: Path, name: str) -> bool:
+    record = read_unit(root, name)
+    return record is not None and record["state"] == DONE
+
+
+def write_unit(root: Path, name: str, record: dict) -> None:
+    """Atomically (a reader never sees half a record)."""
+    path = unit_path(root, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".tmp{os.getpid()}")
+    staging.write_text(json.dumps(record, indent=1, default=float))
+    staging.replace(path)
+
+
+def describe(study: Study, unit: Unit) -> dict:
+    record = {"unit": unit.name, "kind": unit.kind, "seed": unit.seed,
+              "pretraining": unit.pretraining, "cell": unit.cell}
+    if unit.cell is not None:
+        cell = study.cell(unit.cell)
+        record.update(method=cell.method, axes=cell.axes(),
+                      algorithm=study.algorithm_of(cell.name))
+    return record
+
+
+def record_failure(study: Study, unit: Unit, log: str | None, error: str) -> None:
+    write_unit(study.root, unit.name, {**describe(study, unit), "state": FAILED, "log": log,
+                                       "error": error})
+
+
+def run_unit(study: Study, unit: Unit, log: str | None = None) -> dict:
+    """Run ``unit`` (collective when distributed); rank 0 records it. A failure is recorded
+    with its log path and re-raised; a preemption (SystemExit 85) is not a failure."""
+    rank = torch.distributed.get_rank()
+    started = time.perf_counter()
+    try:
+        if unit.kind == "shared":
+            result = _shared(study, unit)
+        else:
+            shared = study.shared_unit_of(unit)
+            if not is_done(study.root, shared.name):
+                raise StudyError(f"the shared unit {shared.name} (pretraining, prompt sets) has "
+                                 f"not finished: {read_unit(study.root, shared.name)}")
+            result = _cell(study, unit)
+    except Exception as error:
+        if rank == 0:
+            record_failure(study, unit, log, f"{type(error).__name__}: {error}\n"
+                                             f"{traceback.format_exc(limit=8)}")
+        raise
+    record = {**describe(study, unit), "state": DONE, "log": log,
+              "seconds": time.perf_counter() - started, **result}
+    if rank == 0:
+        write_unit(study.root, unit.name, record)
+    return record
+
+
+def _shared(study: Study, unit: Unit) -> dict:
+    config = study.shared_config(unit)
+    clock = PhaseClock()
+    clock.run("pretrain", pretrain_phase, config)
+    clock.run("write prompt sets", write_prompt_sets, config)
+    clock.run("evaluate: pretrained", evaluate_model, config, PRETRAINED)
+    pretraining = config.pretrain_config()
+    return {"phase_seconds": clock.seconds,
+            "train_flops": run_flops(Path(pretraining.output_dir),
+                                     pretraining.trainer.max_steps),
+            **evaluation_result(config, PRETRAINED)}
+
+
+def _cell(study: Study, unit: Unit) -> dict:
+    cell = study.cell(unit.cell)
+    config = study.experiment_config(cell, unit.seed)
+    clock = PhaseClock()
+    clock.run(f"train: {cell.name}", train_student, config, cell.name)
+    clock.run(f"evaluate: {cell.name}", evaluate_model, config, cell.name)
+    student = config.student_config(cell.name)
+    return {"phase_seconds": clock.seconds,
+            "train_flops": run_flops(Path(student.output_dir), student.trainer.max_steps),
+            **evaluation_result(config, cell.name)}
+
+
+def run_flops(output_dir: Path, max_steps: int) -> float | None:
+    """A run's training FLOPs: the mean of the logged steps' ``flops`` × its steps (steps are
+    logged every ``log_interval``; their FLOPs vary only with rollout lengths)."""
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    logged = [record["flops"] for record in map(json.loads, path.read_text().splitlines())
+              if "flops" in record]
+    return sum(logged) / len(logged) * max_steps if logged else None
+
+
+def evaluation_result(config: CompressionExperimentConfig, model_name: str) -> dict:
+    """Per loop budget: accuracy, per-problem correctness (mean over samples, in the prompt
+    set's order) and model FLOPs per problem (prefill + decoding at that budget)."""
+    from nemo_loop.data.prompts import PromptSetConfig, load_prompt_set
+    from nemo_loop.evaluation.report import SAMPLES_JSONL
+    from nemo_loop.tasks import build_task
+
+    eval_config = config.eval_config(model_name)
+    problems = load_prompt_set(PromptSetConfig(path=eval_config.custom.path, id_field="id"))
+    tokenizer = build_task(config.task).tokenizer()
+    prompt_tokens = {p.id: len(tokenizer.encode_prompt(p.problem)) for p in problems}
+    shape = LoopShape.of(config.model)
+    samples = [json.loads(line) for line in
+               (Path(eval_config.output_dir) / SAMPLES_JSONL).read_text().splitlines()]
+    correct: dict[int, dict[str, list[float]]] = {}
+    flops: dict[int, list[int]] = {}
+    for sample in samples:
+        loops = sample["num_loops"]
+        correct.setdefault(loops, {}).setdefault(sample["problem_id"], []).append(
+            float(sample["correct"]))
+        flops.setdefault(loops, []).append(generation_flops(
+            shape, prompt_tokens[sample["problem_id"]], sample["num_tokens"], loops))
+    ids = [p.id for p in problems]
+    per_problem = {str(loops): [sum(by_id[i]) / len(by_id[i]) for i in ids]
+                   for loops, by_id in sorted(correct.items())}
+    return {
+        "model": model_name, "num_loops": config.model.num_loops,
+        "student_loops": config.evaluated_loops(model_name), "problem_ids": ids,
+        "correct": per_problem,
+        "accuracy": {loops: sum(values) / len(values) for loops, values in per_problem.items()},
+        "inference_flops_per_problem": {str(loops): sum(values) / len(values)
+                                        for loops, values in sorted(flops.items())},
+    }

@@ -1,0 +1,51 @@
+"""Which engine generates: the one ``generation:`` config section and ``build_engine``.
+
+Every caller that generates (LLOPSD rollouts, the evaluation harness, benchmarks) builds its
+engine here, so ``generation.backend: native | vllm`` means the same thing everywhere.
+
+    generation:
+      backend: vllm          # native (default): megatron model in this process; vllm: vLLM
+      vllm:                  # used by backend=vllm only (see VLLMConfig)
+        kv_cache_memory_gb: 1.0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nemo_loop.generation.engine import GenerationEngine
+from nemo_loop.generation.vllm_engine import VLLMConfig
+
+BACKENDS = ("native", "vllm")
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "native"  # native | vllm
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"generation.backend must be one of {BACKENDS}, got "
+                             f"{self.backend!r}")
+        self.vllm.validate()
+
+
+def build_engine(config: GenerationConfig, model: torch.nn.Module, *,
+                 max_batch_size: int | None = None) -> GenerationEngine:
+    """The engine for ``model`` (a LoopGPTModel or its DDP wrapper, this rank's TP shard).
+
+    native: generates with ``model`` itself (refit rebinds, zero copies). vllm: a vLLM engine
+    holding a copy of the current weights (refit copies them in). ``max_batch_size`` bounds the
+    native engine's batches; vLLM schedules its own (``generation.vllm.max_num_seqs``).
+    """
+    config.validate()
+    if config.backend == "vllm":
+        from nemo_loop.generation.vllm_engine import VLLMEngine
+
+        return VLLMEngine.from_model(model, config.vllm)
+    from nemo_loop.generation.native import NativeLoopEngine
+
+    return NativeLoopEngine(model, max_batch_size=max_batch_size)

@@ -1,0 +1,84 @@
+"""The study runner end to end on its CI miniature (conf/studies/miniature.yaml: 2 cells × 2
+seeds, a few steps each): one pretraining per seed, FLOPs logged, the report's paired
+difference equal to one computed from the evaluation's own samples, a rerun that skips what is
+done, and a different study refused in the same directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+CELLS = ["terminal_only", "llopsd"]
+
+
+def _study(*arguments, timeout=1500):
+    return subprocess.run([sys.executable, "recipes/study.py", "--config",
+                           "conf/studies/miniature.yaml", *arguments], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _accuracy(samples: Path, loops: int) -> float:
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    chosen = [row["correct"] for row in rows if row["num_loops"] == loops]
+    return sum(chosen) / len(chosen)
+
+
+@pytest.mark.slow
+def test_miniature_study_runs_resumes_and_refuses_another_study(tmp_path):
+    run = _study(f"output_dir={tmp_path}")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    units = {path.stem: json.loads(path.read_text()) for path in (tmp_path / "units").iterdir()}
+    assert sorted(units) == sorted(f"{name}-seed{seed}" for seed in (1, 2)
+                                   for name in ["shared", *CELLS])
+    assert all(record["state"] == "done" for record in units.values())
+
+    for seed in (1, 2):
+        root = tmp_path / "seeds" / str(seed)
+        for cell in CELLS:  # both cells of a seed start from that seed's one pretraining
+            config = OmegaConf.load(root / "students" / cell / "config.yaml")
+            assert config.trainer.init_from == str((root / "pretrain" / "model").resolve())
+            assert config.trainer.seed == seed and config.rollout.student_loops == 2
+            steps = [json.loads(line) for line in
+                     (root / "students" / cell / "metrics.jsonl").read_text().splitlines()]
+            assert all(s["flops"] > 0 and s["achieved_flops_per_s_per_device"] > 0
+                       for s in steps)
+    # the seed changes the pretraining (init and data order)
+    first_losses = [json.loads((tmp_path / "seeds" / str(seed) / "pretrain" / "metrics.jsonl")
+                               .read_text().splitlines()[0])["loss"] for seed in (1, 2)]
+    assert first_losses[0] != first_losses[1]
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    versus = summary["cells"]["llopsd"]["versus"]
+    assert versus["baseline"] == "terminal_only" and summary["missing"] == []
+    # Δ at 2 loops from the harness's own per-sample verdicts, seed by seed
+    differences = [
+        _accuracy(tmp_path / "seeds" / str(seed) / "eval" / "llopsd" / "samples.jsonl", 2)
+        - _accuracy(tmp_path / "seeds" / str(seed) / "eval" / "terminal_only" / "samples.jsonl",
+                    2) for seed in (1, 2)]
+    assert versus["difference"]["2"]["mean"] == pytest.approx(sum(differences) / 2)
+    assert versus["difference"]["2"]["seeds"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == (2 + 4) * 4  # (pretrained + cells) × seeds, × 4 loop budgets
+    report = (tmp_path / "report.md").read_text()
+    assert "| llopsd | terminal_only |" in report and "## Missing" not in report
+    for plot in ("accuracy_vs_loops.png", "accuracy_vs_train_flops.png", "pareto.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+    # A killed study continues: only the unit without a record runs again.
+    (tmp_path / "units" / "llopsd-seed2.json").unlink()
+    rerun = _study(f"output_dir={tmp_path}")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert rerun.stdout.count("done earlier, skipped") == 5
+    assert "llopsd-seed2: running" in rerun.stdout
+    resumed = json.loads((tmp_path / "summary.json").read_text())["cells"]["llopsd"]
+    # resumed from its final checkpoint: the same numbers
+    assert (resumed["accuracy"], resumed["versus"]) == (summary["cells"]["llopsd"]["accuracy"],
+                                                       versus)
+
+    refused = _study(f"output_dir={tmp_path}", "settings.compression.llopsd.optim.lr=0.1")
+    assert refused.returncode != 0 and "holds a different study" in refused.stderr
+    assert "optim.lr" in refused.stderr

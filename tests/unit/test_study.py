@@ -1,0 +1,225 @@
+"""Studies without training: statistics against hand computations, the plan (cells, units,
+seeds, shared pretraining), bad input refused before anything runs, the report from hand-made
+unit records (missing seeds are named, not averaged over), and failure recording."""
+
+import json
+import math
+import sys
+
+import pytest
+
+from nemo_loop.config import CONF_DIR
+from nemo_loop.experiments.statistics import (
+    mean_interval,
+    paired_interval,
+    t_quantile_975,
+    verdict,
+)
+
+MINIATURE = CONF_DIR / "studies" / "miniature.yaml"
+
+
+# ----- statistics -----
+
+def test_t_quantiles_match_tables():
+    # Tables of the two-sided 95% t quantile (e.g. NIST/SEMATECH 1.3.6.7.2).
+    for df, value in [(1, 12.706), (2, 4.303), (9, 2.262), (30, 2.042), (40, 2.021),
+                      (60, 2.000), (100, 1.984), (1000, 1.962)]:
+        assert t_quantile_975(df) == pytest.approx(value, abs=1.5e-3), df
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_mean_interval_and_paired_differences_by_hand():
+    interval = mean_interval([0.5, 0.6, 0.7])  # sd 0.1, n 3: 4.303 · 0.1 / √3
+    assert interval.mean == pytest.approx(0.6)
+    assert interval.half_width == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert str(interval) == "0.600 ± 0.248" and interval.count == 3
+    single = mean_interval([0.4])
+    assert math.isnan(single.half_width) and str(single) == "0.400"
+    # A shared seed effect cancels in the paired differences: 0.1 every seed → no spread.
+    paired = paired_interval([0.5, 0.8, 0.6], [0.4, 0.7, 0.5])
+    assert paired.mean == pytest.approx(0.1) and paired.half_width == pytest.approx(0, abs=1e-12)
+    assert verdict(paired) == "wins"
+    assert verdict(paired_interval([0.4, 0.7, 0.5], [0.5, 0.8, 0.6])) == "loses"
+    # differences of +0.1, −0.1, +0.05: the interval holds 0
+    assert verdict(paired_interval([0.5, 0.6, 0.55], [0.4, 0.7, 0.5])) == "ties"
+    assert verdict(paired_interval([0.5], [0.4])) == "ties"  # one seed: no interval
+    with pytest.raises(ValueError, match="one baseline value each"):
+        paired_interval([0.1, 0.2], [0.1])
+
+
+# ----- the plan -----
+
+def _study(tmp_path, *overrides):
+    from nemo_loop.experiments.study import load_study
+
+    return load_study(MINIATURE, [f"output_dir={tmp_path}", *overrides])
+
+
+def test_cells_units_and_each_phases_seed(tmp_path):
+    study = _study(tmp_path, "grid.student_loops=[2,3]", "seeds=[5,6]")
+    names = [cell.name for cell in study.cells]
+    assert names == ["terminal_only+student_loops=2", "terminal_only+student_loops=3",
+                     "llopsd+student_loops=2", "llopsd+student_loops=3"]
+    assert study.baselines["llopsd+student_loops=3"] == "terminal_only+student_loops=3"
+    units = [unit.name for unit in study.units()]
+    assert units[0] == "shared-seed5" and units[5] == "shared-seed6" and len(units) == 10
+    cell = study.cell("llopsd+student_loops=3")
+    config = study.experiment_config(cell, 6)
+    # one pretraining per seed feeds every cell of that seed
+    assert config.root == tmp_path / "seeds" / "6"
+    assert config.pretrain_config().output_dir == str(tmp_path / "seeds" / "6" / "pretrain")
+    assert config.pretrain_config().trainer.seed == 6
+    assert config.pretrain_config().trainer.data_seed == 6
+    student = config.student_config(cell.name)
+    assert student.trainer.seed == 6 and student.rollout.student_loops == 3
+    assert student.loss.mapping == "shift" and student.trainer.resume and student.trainer.overwrite
+    assert student.output_dir == str(tmp_path / "seeds" / "6" / "students" / cell.name)
+    assert student.trainer.init_from == str((tmp_path / "seeds" / "6" / "pretrain" / "model")
+                                            .resolve())
+
+
+def test_an_axis_on_pretraining_gives_each_value_its_own_pretraining(tmp_path):
+    study = _study(tmp_path, "grid.pretrain.trainer.max_steps=[4,6]")
+    roots = {cell.name: study.experiment_config(cell, 1).root for cell in study.cells}
+    assert len(set(roots.values())) == 2
+    assert [u.name for u in study.units()].count("shared-" + study.pretraining_of(
+        study.cells[0].name) + "-seed1") == 1
+    assert sum(unit.kind == "shared" for unit in study.units()) == 4  # 2 pretrainings × 2 seeds
+
+
+def test_student_axes_reach_the_cells_method(tmp_path):
+    study = _study(tmp_path, "grid.student.loss.divergence=[forward_kl,jsd]")
+    cell = study.cell("llopsd+divergence=jsd")
+    assert study.experiment_config(cell, 1).student_config(cell.name).loss.divergence == "jsd"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seeds=[]"], "seeds is empty"),
+    (["grid.compression.llopsd.optim.lrr=[1e-3]"], r"cell .*optim\.lrr"),
+    (["grid.nonsense=[1]"], "grid axis 'nonsense': unknown experiment key"),
+    (["grid.student.loss.divergencee=[jsd]"], "divergencee"),
+    (["grid.student.loss.divergence=[zigzag]"], "zigzag"),
+    (["grid.test_problems=[8,16]"], "changes the held-out problems"),
+    (["grid.task.shell_game.num_swaps=[4]"], "changes the held-out problems"),
+    (["baseline.method=sft"], r"baseline cell .* is not in the grid: method='sft' is not among"),
+    (["baseline.student_loops=2"], r"is not in the grid: 'student_loops' is not a grid axis"),
+    (["grid.method=[llopsd,grpo]"], r"grid.method names \['grpo'\]"),
+    (["grid.student_loops=[]"], "grid axis 'student_loops' has no values"),
+    (["methods.llopsd.rollout.student_loops=3"], "which the experiment decides"),
+    (["executor.kind=cloud"], "executor.kind"),
+    # R̃ does not reach an algorithm that trains every loop: two cells would be one run
+    (["grid.student_loops=[2,3]", "methods.rpt.algorithm=looprpt",
+      "grid.method=[terminal_only,rpt]"],
+     r"rpt\+student_loops=2 and rpt\+student_loops=3 are the same run"),
+])
+def test_bad_studies_are_named_errors_before_anything_runs(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _study(tmp_path, *overrides)
+    assert not tmp_path.joinpath("study.json").exists()
+
+
+def test_a_directory_holds_one_study_and_seeds_may_grow(tmp_path):
+    from nemo_loop.experiments.study import Study, StudyError
+
+    _study(tmp_path).claim_directory("the command")
+    _study(tmp_path, "seeds=[1,2,3]").claim_directory()  # more seeds: the same study
+    stored = json.loads((tmp_path / "study.json").read_text())
+    assert stored["study"]["seeds"] == [1, 2, 3] and stored["command"] == "the command"
+    assert Study.load(tmp_path).fingerprint() == stored["fingerprint"]
+    with pytest.raises(StudyError, match=r"holds a different study.*optim.*lr"):
+        _study(tmp_path, "settings.compression.llopsd.optim.lr=0.1").claim_directory()
+
+
+# ----- the report, from hand-made unit records -----
+
+def _record(study, unit, accuracies, ids=("0", "1")):
+    from nemo_loop.experiments.study_units import DONE, describe, write_unit
+
+    correct = {str(r): [a] * len(ids) for r, a in enumerate(accuracies, start=1)}
+    write_unit(study.root, unit.name, {
+        **describe(study, unit), "state": DONE, "log": f"logs/{unit.name}.log", "seconds": 10.0,
+        "train_flops": 1e9, "student_loops": 2 if unit.kind == "cell" else None,
+        "num_loops": 4, "problem_ids": list(ids), "correct": correct,
+        "accuracy": {r: values[0] for r, values in correct.items()},
+        "inference_flops_per_problem": {str(r): 1e6 * r for r in range(1, 5)}})
+
+
+def test_report_means_paired_differences_and_missing_seeds(tmp_path):
+    from nemo_loop.experiments import study_report
+
+    study = _study(tmp_path, "seeds=[1,2,3]", "grid.student_loops=[2,3]")
+    study.claim_directory()
+    units = {unit.name: unit for unit in study.units()}
+    baseline = {1: 0.40, 2: 0.50, 3: 0.45}
+    for seed in (1, 2, 3):
+        _record(study, units[f"shared-seed{seed}"], [0.3, 0.35, 0.8, 0.99])
+        for loops in (2, 3):
+            _record(study, units[f"terminal_only+student_loops={loops}-seed{seed}"],
+                    [0.3, baseline[seed], 0.8, 0.9])
+        _record(study, units[f"llopsd+student_loops=2-seed{seed}"],
+                [0.3, baseline[seed] + 0.05, 0.8, 0.9])
+    # llopsd at R̃ = 3 lacks seed 3: seed 1 done, seed 2 failed
+    _record(study, units["llopsd+student_loops=3-seed1"], [0.3, 0.6, 0.8, 0.9])
+    from nemo_loop.experiments.study_units import record_failure
+    record_failure(study, units["llopsd+student_loops=3-seed2"], "logs/x.log", "boom")
+
+    summary = study_report.write(study)
+    cell = summary["cells"]["llopsd+student_loops=2"]
+    assert cell["complete"] and cell["accuracy"]["2"]["mean"] == pytest.approx(0.5)
+    expected = mean_interval([0.40, 0.50, 0.45])
+    assert summary["cells"]["terminal_only+student_loops=2"]["accuracy"]["2"]["half_width"] \
+        == pytest.approx(expected.half_width)
+    versus = cell["versus"]
+    assert versus["baseline"] == "terminal_only+student_loops=2"
+    assert versus["difference"]["2"]["mean"] == pytest.approx(0.05)
+    assert versus["difference"]["2"]["half_width"] == pytest.approx(0, abs=1e-9)
+    assert versus["difference"]["2"]["seeds"] == 3 and versus["verdict"]["2"] == "wins"
+    assert versus["verdict"]["1"] == "ties"
+    incomplete = summary["cells"]["llopsd+student_loops=3"]
+    assert not incomplete["complete"] and "accuracy" not in incomplete
+    missing = {m["unit"]: m for m in summary["missing"]}
+    assert missing["llopsd+student_loops=3-seed2"]["state"] == "failed"
+    assert missing["llopsd+student_loops=3-seed2"]["log"] == "logs/x.log"
+    assert missing["llopsd+student_loops=3-seed3"]["state"] == "missing"
+
+    report = (tmp_path / "report.md").read_text()
+    assert "| llopsd+student_loops=3 | llopsd | incomplete |" in report
+    assert "`llopsd+student_loops=3-seed2`: failed, log `logs/x.log` — boom" in report
+    row = next(line for line in report.splitlines()
+               if line.startswith("| llopsd+student_loops=2 | terminal_only"))
+    assert "0.050 ± 0.000" in row and row.endswith("| wins |")
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 4 + 3 * 3 * 4 + 4 + 1 + 1  # pretrained, full cells, seed 1, 2 gaps
+    assert {row["state"] for row in rows if row["accuracy"] is None} == {"failed", "missing"}
+    assert (tmp_path / "results.csv").read_text().startswith("study,cell,method")
+    for plot in study_report.PLOTS.values():
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pareto_front():
+    from nemo_loop.experiments.study_report import pareto_front
+
+    points = [(1, 0.3), (2, 0.5), (2, 0.4), (3, 0.45), (4, 0.9), (5, 0.9)]
+    assert pareto_front(points) == [(1, 0.3), (2, 0.5), (4, 0.9)]
+
+
+def test_local_executor_records_a_crashed_unit_and_skips_its_seeds_cells(tmp_path,
+                                                                         monkeypatch):
+    from nemo_loop.experiments import study_executors
+    from nemo_loop.experiments.study_units import read_unit
+
+    study = _study(tmp_path, "seeds=[1]")
+    study.claim_directory()
+    monkeypatch.setattr(study_executors, "unit_command",
+                        lambda study, unit, log: [sys.executable, "-c",
+                                                  "print('dying'); raise SystemExit(3)"])
+    states = study_executors.run_local(study)
+    assert states == {"shared-seed1": "failed", "terminal_only-seed1": "failed",
+                      "llopsd-seed1": "failed"}
+    shared = read_unit(tmp_path, "shared-seed1")
+    assert shared["error"] == "exit code 3" and shared["log"].endswith("logs/shared-seed1.log")
+    assert "dying" in (tmp_path / "logs" / "shared-seed1.log").read_text()
+    cell = read_unit(tmp_path, "llopsd-seed1")
+    assert "shared unit shared-seed1 did not finish" in cell["error"]
