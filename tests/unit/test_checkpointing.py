@@ -154,7 +154,9 @@ def test_read_only_checkpoint_dir_fails_before_the_model_is_built(read_only_dir,
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the storage check")
 
-    monkeypatch.setattr(pretrain, "build_loop_model", no_model)
+    from nemo_loop.algorithms import common
+
+    monkeypatch.setattr(common, "build_loop_model", no_model)
     config = _config(tmp_path / "run", f"trainer.checkpoint_dir={read_only_dir}")
     with pytest.raises(StorageError, match=f"cannot write to {read_only_dir}"):
         pretrain.pretrain(config)
