@@ -29,11 +29,12 @@ bf16 training, T ∈ {8,192, 32,768, 65,536}). Inputs: student readouts [R̃, T,
 naive_h2048 and peer run (on every token) where their [R̃, T, V] fp32 tensors fit in the available
 memory and are reported as not fitting elsewhere. The fused cases allocate the same buffers
 whatever the loss mask (gradients [R̃, T, h] and [V, h], the temporaries of one 1,024-token
-chunk), while their time is proportional to the response tokens; so by default only every 4th
-token (T = 8,192) or 16th token (T ≥ 32,768) is a response token: memory is that of the full run,
-time is reported per response token. The time ratio of fully_fused to fused_head_h2048 comes
-from a separate child that alternates the two on the same inputs twice and keeps the fastest run
-of each, so load from other processes hits both alike.
+chunk), while their time is proportional to the response tokens; so by default only the last
+quarter (T = 8,192) or sixteenth (T ≥ 32,768) of the tokens is the response: memory is that of
+the full run, time is reported per response token. Time ratios come from a separate child that alternates
+fused_head_h2048, fully_fused (T = 8,192, a quarter of it the response) and the peer's formula
+(on as many tokens) twice and keeps the fastest run of each, so load from other processes hits
+all alike; the single runs' times only show the order of magnitude on a shared machine.
 
 Method: every case runs in a fresh subprocess (sequentially). The child builds the inputs, runs
 the case once at T=256 to warm up, then writes "5" to /proc/self/clear_refs (resets the peak RSS
@@ -121,8 +122,9 @@ def _inputs(case: str, tokens: int) -> dict:
 
 
 def _mask(tokens: int, stride: int) -> torch.Tensor:
+    """The last tokens/stride positions are the response (a prompt, then one response)."""
     mask = torch.zeros(tokens, 1)
-    mask[stride - 1::stride] = 1.0
+    mask[tokens - tokens // stride:] = 1.0
     return mask
 
 
@@ -202,25 +204,30 @@ def run_case(case: str, tokens: int, stride: int) -> dict:
 
 
 def run_pair(tokens: int, stride: int, repeats: int) -> dict:
-    """fused_head_h2048 and fully_fused on the same inputs, alternated ``repeats`` times in one
+    """Time per response token of fused_head_h2048 and fully_fused on the same inputs, and of
+    the peer's formula on as many tokens (it has no mask), alternated ``repeats`` times in one
     process; the fastest run of each counts (robust to other load on a shared machine)."""
     torch.set_num_threads(os.cpu_count() or 1)
-    inputs = _inputs("fully_fused", tokens)
-    with_logits = dict(inputs, teacher=inputs["teacher_hidden"] @ inputs["teacher_weight"].t())
-    warm = _inputs("fully_fused", 256)
-    warm_logits = dict(warm, teacher=warm["teacher_hidden"] @ warm["teacher_weight"].t())
-    cases = (("fused_head_h2048", with_logits, warm_logits), ("fully_fused", inputs, warm))
-    for case, _, warm_inputs in cases:
+    response = tokens // stride
+
+    def with_logits(inputs):
+        return dict(inputs, teacher=inputs["teacher_hidden"] @ inputs["teacher_weight"].t())
+
+    inputs, warm = _inputs("fully_fused", tokens), _inputs("fully_fused", 256)
+    cases = (("fused_head_h2048", with_logits(inputs), with_logits(warm), stride),
+             ("fully_fused", inputs, warm, stride),
+             ("peer", _inputs("peer", response), _inputs("peer", 256), 1))
+    for case, _, warm_inputs, _ in cases:
         _step(case, warm_inputs, 1)
-    best = {case: float("inf") for case, _, _ in cases}
+    best = {case: float("inf") for case, *_ in cases}
     for _ in range(repeats):
-        for case, case_inputs, _ in cases:
+        for case, case_inputs, _, case_stride in cases:
             case_inputs["hidden"].grad = case_inputs["weight"].grad = None
             start = time.perf_counter()
-            _step(case, case_inputs, stride)
+            _step(case, case_inputs, case_stride)
             best[case] = min(best[case], time.perf_counter() - start)
-    return {"tokens": tokens, "response_tokens": tokens // stride, "repeats": repeats,
-            "seconds": best}
+    return {"tokens": tokens, "response_tokens": response, "repeats": repeats,
+            "us_per_token": {case: seconds / response * 1e6 for case, seconds in best.items()}}
 
 
 def _run_in_subprocess(case: str, tokens: int, stride: int = 1) -> dict:
@@ -311,17 +318,13 @@ def _teacher_part(full: bool) -> dict:
         print(f"paired timing failed: {pair['error']!r}")
     else:
         print(f"paired, alternated ×{pair['repeats']} at T={first} ({pair['response_tokens']} "
-              "response tokens), fastest: " + ", ".join(
-                  f"{case} {seconds:.2f} s" for case, seconds in pair["seconds"].items()))
+              "response tokens; the peer on that many tokens), fastest, µs/token: " + ", ".join(
+                  f"{case} {us:.0f}" for case, us in pair["us_per_token"].items()))
     return _teacher_summary(results, pair)
 
 
 def _teacher_summary(results: dict, pair: dict) -> dict:
     first = TEACHER_TOKEN_COUNTS[0]
-
-    def per_token(case, tokens):
-        row = results.get((case, tokens), {})
-        return row["seconds"] / row["response_tokens"] if "seconds" in row else float("nan")
 
     def field(case, tokens, name):
         return results.get((case, tokens), {}).get(name, float("nan"))
@@ -330,7 +333,7 @@ def _teacher_summary(results: dict, pair: dict) -> dict:
         return field(case, tokens, "input_mib") + field(case, tokens, "peak_extra_mib")
 
     fully = "fully_fused"
-    paired = pair.get("seconds", {})
+    paired = pair.get("us_per_token", {})
     summary = {
         "T": list(TEACHER_TOKEN_COUNTS),
         "response_tokens": [field(fully, t, "response_tokens") for t in TEACHER_TOKEN_COUNTS],
@@ -342,12 +345,11 @@ def _teacher_summary(results: dict, pair: dict) -> dict:
             with_inputs("fused_head_h2048", first) / 1024),
         f"fully_fused_vs_fused_head_time_per_token_T{first}": _rounded_or_none(
             paired.get(fully, float("nan")) / paired.get("fused_head_h2048", float("nan"))),
+        f"peer_vs_fully_fused_time_per_token_T{first}_paired": _rounded_or_none(
+            paired.get("peer", float("nan")) / paired.get(fully, float("nan"))),
         "targets": {"peak_extra_gib_at_T65536": 4.0, "time_per_token_vs_fused_head": 1.3},
     }
     for case in NAIVE_TEACHER_CASES:  # what the naive formulas cost more, where they ran
-        summary[f"{case}_vs_fully_fused_time_per_token"] = [
-            _rounded_or_none(per_token(case, t) / per_token(fully, t))
-            for t in TEACHER_TOKEN_COUNTS]
         summary[f"{case}_vs_fully_fused_peak_with_inputs"] = [
             _rounded_or_none(with_inputs(case, t) / with_inputs(fully, t))
             for t in TEACHER_TOKEN_COUNTS]
