@@ -21,6 +21,7 @@ from nemo_loop.algorithms.training_run import (
     CheckpointConfig,
     CheckpointedTrainerConfig,
     TrainingRun,
+    check_global_batch,
 )
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.sequences import teacher_forced_batch
@@ -81,12 +82,8 @@ class PretrainConfig:
         if trainer.max_steps < 1 or trainer.micro_batch_size < 1:
             raise ValueError("trainer.max_steps and trainer.micro_batch_size must be >= 1")
         if world_size is not None:
-            data_parallel = self.parallel.data_parallel(world_size)
-            if trainer.global_batch_size % (trainer.micro_batch_size * data_parallel):
-                raise ValueError(
-                    f"trainer.global_batch_size {trainer.global_batch_size} is not divisible by "
-                    f"micro_batch_size × data_parallel = {trainer.micro_batch_size} × "
-                    f"{data_parallel}")
+            check_global_batch("global_batch_size", trainer.global_batch_size,
+                               trainer.micro_batch_size, self.parallel.data_parallel(world_size))
 
     def _validate_task_source(self) -> None:
         task = build_task(self.task)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from nemo_loop.checkpointing import resolve_checkpoint
+from nemo_loop.algorithms.training_run import validate_run_sections
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptRecord, PromptSampler
 from nemo_loop.data.sequences import PromptResponseBatch, build_batch, response_targets
@@ -202,16 +202,8 @@ def validate_rollout_run(config, world_size: int | None, check_paths: bool,
         raise ValueError(f"rollout.student_loops (R̃={student}) must be in [1, "
                          f"model.num_loops (R={loops})]")
     config.task.validate()
-    config.optim.validate()
-    config.checkpoint.validate()
-    trainer.validate_checkpointing()
-    config.wandb.validate()
+    validate_run_sections(config, check_paths)
     config.data.validate(check_path=check_paths)
-    if check_paths and trainer.init_from:
-        try:
-            resolve_checkpoint(trainer.init_from)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"trainer.init_from: {error}") from None
     config.rollout.validate()
     config.generation.validate()
     if trainer.max_steps < 1 or trainer.micro_batch_size < 1:

@@ -40,9 +40,10 @@ from nemo_loop.algorithms.training_run import (
     CheckpointConfig,
     CheckpointedTrainerConfig,
     TrainingRun,
+    check_global_batch,
     checkpoint_root,
+    validate_run_sections,
 )
-from nemo_loop.checkpointing import resolve_checkpoint
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
 from nemo_loop.data.sequences import response_targets, teacher_forced_batch
@@ -119,23 +120,14 @@ class SFTConfig:
                 f"data.solution_field is not set: name the field that holds them (GSM8K: "
                 f"'answer', MATH: 'solution'); {self.data.path} without solutions cannot be "
                 f"used for SFT")
-        self.optim.validate()
-        self.checkpoint.validate()
-        trainer.validate_checkpointing()
-        self.wandb.validate()
+        validate_run_sections(self, check_paths)
         self.data.validate(check_path=check_paths)
-        if check_paths and trainer.init_from:
-            resolve_checkpoint(trainer.init_from)  # names the paths it tried
         if trainer.max_steps < 1 or trainer.micro_batch_size < 1 or trainer.log_interval < 1:
             raise ValueError("trainer.max_steps, trainer.micro_batch_size and "
                              "trainer.log_interval must be >= 1")
         if world_size is not None:
-            data_parallel = parallel.data_parallel(world_size)
-            if trainer.examples_per_step % (trainer.micro_batch_size * data_parallel):
-                raise ValueError(
-                    f"trainer.examples_per_step {trainer.examples_per_step} is not divisible by "
-                    f"micro_batch_size × data_parallel = {trainer.micro_batch_size} × "
-                    f"{data_parallel}")
+            check_global_batch("examples_per_step", trainer.examples_per_step,
+                               trainer.micro_batch_size, parallel.data_parallel(world_size))
 
     def checkpoint_root(self) -> Path:
         return checkpoint_root(self)

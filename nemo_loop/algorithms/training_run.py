@@ -98,6 +98,27 @@ class CheckpointedTrainerConfig:
                              f"{self.peak_flops_per_s}")
 
 
+def validate_run_sections(config, check_paths: bool) -> None:
+    """The sections every training run shares: optimizer, checkpointing and wandb, and (with
+    ``check_paths``) that ``trainer.init_from`` resolves to a checkpoint."""
+    config.optim.validate()
+    config.checkpoint.validate()
+    config.trainer.validate_checkpointing()
+    config.wandb.validate()
+    if check_paths and config.trainer.init_from:
+        try:
+            resolve_checkpoint(config.trainer.init_from)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"trainer.init_from: {error}") from None
+
+
+def check_global_batch(name: str, size: int, micro_batch_size: int, data_parallel: int) -> None:
+    """``trainer.<name>`` splits into full micro-batches on every data-parallel rank."""
+    if size % (micro_batch_size * data_parallel):
+        raise ValueError(f"trainer.{name} {size} is not divisible by micro_batch_size × "
+                         f"data_parallel = {micro_batch_size} × {data_parallel}")
+
+
 def checkpoint_root(config) -> Path:
     return Path(config.trainer.checkpoint_dir or Path(config.output_dir) / "checkpoints")
 
