@@ -40,8 +40,8 @@ from nemo_loop.tasks import TaskConfig, build_task
 
 log = logging.getLogger(__name__)
 PRETRAINED = "pretrained"
-OUTPUTS = ("pretrain", "data", "students", "eval", "report.md", "accuracy_vs_loops.png",
-           "experiment.json")
+OUTPUTS = ("pretrain", "data", "students", "eval", "eval-validation", "report.md",
+           "accuracy_vs_loops.png", "experiment.json")
 BENCHMARK = "shell_game"
 DEFAULT_ALGORITHM = "llopsd"
 EVALUATION_SPLITS = ("test", "validation")
@@ -154,14 +154,17 @@ class CompressionExperimentConfig:
             return None
         return self.student_loops
 
-    def eval_config(self, model_name: str) -> EvalConfig:
-        split = self.evaluation_split
+    def eval_config(self, model_name: str, split: str | None = None) -> EvalConfig:
+        """The harness on ``split`` (default: ``evaluation_split``, scored in ``eval/``; a study
+        also scores the validation split, in ``eval-validation/``, to choose settings on)."""
+        split = split or self.evaluation_split
         held_out = BenchmarkSpec(name=BENCHMARK, path=str(self.prompt_set_path(split).resolve()),
                                  id_field="id")
+        scores = "eval" if split == self.evaluation_split else f"eval-{split}"
         return replace(self.evaluation, model=self.model,
                        checkpoint=str(self.model_checkpoint(model_name)), benchmarks=[],
                        custom=held_out, task=self.task,
-                       output_dir=str(self.root / "eval" / model_name))
+                       output_dir=str(self.root / scores / model_name))
 
 
 # ----- methods: an algorithm name + overrides of its config -----
@@ -245,11 +248,13 @@ def train_student(config: CompressionExperimentConfig, name: str) -> Path:
     return checkpoint_root(student)
 
 
-def evaluate_model(config: CompressionExperimentConfig, name: str) -> list[float]:
-    """The harness on the held-out problems at loops 1..R; greedy accuracy per loop."""
+def evaluate_model(config: CompressionExperimentConfig, name: str,
+                   split: str | None = None) -> list[float]:
+    """The harness on the held-out problems (of ``split``, default ``evaluation_split``) at
+    loops 1..R; greedy accuracy per loop."""
     from nemo_loop.evaluation.harness import evaluate
 
-    return accuracy_per_loop(evaluate(config.eval_config(name)))
+    return accuracy_per_loop(evaluate(config.eval_config(name, split)))
 
 
 def run_experiment(config: CompressionExperimentConfig) -> dict:
@@ -297,13 +302,17 @@ def clear_previous_outputs(root: Path) -> None:
     torch.distributed.barrier()
 
 
-def write_prompt_sets(config: CompressionExperimentConfig) -> None:
+def write_prompt_sets(config: CompressionExperimentConfig, also: tuple[str, ...] = ()) -> None:
+    """The training prompts and the held-out problems of ``evaluation_split`` (and of the
+    splits in ``also``: a study's validation split), ``test_problems`` of each."""
     if torch.distributed.get_rank() == 0:
-        task, split = build_task(config.task), config.evaluation_split
+        task = build_task(config.task)
         write_prompt_set(config.prompt_set_path("train"), task.heldout_problems(
             "train", config.train_prompts))
-        write_prompt_set(config.prompt_set_path(split), task.heldout_problems(
-            split, config.test_problems))
+        for split in dict.fromkeys([config.evaluation_split, *also]):
+            task.check_count(split, config.test_problems)
+            write_prompt_set(config.prompt_set_path(split), task.heldout_problems(
+                split, config.test_problems))
     torch.distributed.barrier()
 
 

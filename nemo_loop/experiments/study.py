@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nemo_loop.config import CONF_DIR, load_config, read_section, to_dict
 from nemo_loop.experiments.compression import (
+    EVALUATION_SPLITS,
     CompressionExperimentConfig,
     dotted,
     flat_keys,
@@ -83,13 +84,18 @@ class SlurmConfig:
 class ExecutorConfig:
     kind: str = "local"  # local: one unit after the other | slurm: sbatch job arrays
     nproc_per_node: int = 1  # local: processes per unit (torchrun when > 1)
+    # local: units that run at once; each gets cores / parallel_units threads (OMP_NUM_THREADS
+    # unless set). Tiny models barely use a second thread, so two units on two cores finish
+    # about twice as fast as one after the other.
+    parallel_units: int = 1
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def validate(self) -> None:
         if self.kind not in EXECUTORS:
             raise StudyError(f"executor.kind must be one of {EXECUTORS}, got {self.kind!r}")
-        if self.nproc_per_node < 1:
-            raise StudyError(f"executor.nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        if self.nproc_per_node < 1 or self.parallel_units < 1:
+            raise StudyError(f"executor.nproc_per_node and executor.parallel_units must be "
+                             f">= 1, got {self.nproc_per_node} and {self.parallel_units}")
         self.slurm.validate()
 
 
@@ -108,6 +114,10 @@ class StudyConfig:
     # each cell is paired with the cell that has these values and the cell's own on other axes.
     baseline: dict[str, Any] = field(default_factory=dict)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    # Every model is also scored on this split (null: not), next to the experiment's
+    # evaluation_split: settings (budgets, the mapping an ablation uses) are chosen on it, and
+    # the report shows it apart. It does not change any run, so it is not part of the identity.
+    selection_split: str | None = "validation"
 
     def axes(self) -> dict[str, list]:
         """The grid's axes, dotted, in order."""
@@ -155,6 +165,9 @@ class StudyConfig:
             if _label(value) not in map(_label, grid[key]):
                 raise StudyError(f"baseline cell {baseline} is not in the grid: {key}="
                                  f"{value!r} is not among grid.{key} {grid[key]}")
+        if self.selection_split not in (None, *EVALUATION_SPLITS):
+            raise StudyError(f"selection_split must be one of {EVALUATION_SPLITS} or null, got "
+                             f"{self.selection_split!r}")
         self.executor.validate()
 
 
@@ -337,6 +350,13 @@ class Study:
         keep = ("model", "task", "train_prompts", "test_problems", "evaluation_split",
                 "pretrain", "evaluation")
         return {key: shared[key] for key in keep}
+
+    def selection_split(self) -> str | None:
+        """The extra split every model is scored on, or None (unset, or the same as the
+        experiment's evaluation_split)."""
+        split = self.config.selection_split
+        chosen = self.cell_settings(self.cells[0].name).evaluation_split
+        return None if split == chosen else split
 
     def cell_settings(self, name: str) -> CompressionExperimentConfig:
         """The cell's experiment at the first seed, validated, for reading its settings (its

@@ -4,9 +4,11 @@ Both launch the same command per unit, ``recipes/study.py unit <study dir> ...``
 process tree (a crash or an OOM kill fails that unit only), and both skip units that are done,
 so a killed study continues where it stopped and a rerun retries what failed.
 
-* ``local``: units in order (each seed's shared phases, then its cells), output to
-  ``logs/<unit>.log``; ``executor.nproc_per_node`` > 1 launches each unit with torchrun. A cell
-  whose shared unit failed is recorded as failed without running. Then the report.
+* ``local``: ``executor.parallel_units`` units at a time (the cores split between them), the
+  shared units first and then the cells in order, each cell once its seed's shared unit is done;
+  output to ``logs/<unit>.log``; ``executor.nproc_per_node`` > 1 launches each unit with
+  torchrun. A cell whose shared unit failed is recorded as failed without running. Then the
+  report.
 * ``slurm``: one job array for the pending shared units, one job array with a task per pending
   cell (``--dependency=afterok`` on the first; if a shared task fails, the cells are cancelled
   and reported missing), and a report job after both (``afterany``). The batch scripts source
@@ -17,6 +19,7 @@ so a killed study continues where it stopped and a rerun retries what failed.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -42,40 +45,86 @@ def unit_command(study: Study, unit: Unit, log: Path) -> list[str]:
 
 
 def run_local(study: Study) -> dict[str, str]:
-    """Every unit that is not done, in order; returns unit → state."""
-    states = {}
+    """Every unit that is not done, ``executor.parallel_units`` at a time (shared units first:
+    they unlock their seed's cells); returns unit → state."""
     units = study.units()
+    states: dict[str, str] = {}
+    pending = []
     for index, unit in enumerate(units, start=1):
-        prefix = f"[study {study.config.name}] {index}/{len(units)} {unit.name}"
         if is_done(study.root, unit.name):
             states[unit.name] = "done (skipped)"
-            print(f"{prefix}: done earlier, skipped", flush=True)
-            continue
-        log = study.root / "logs" / f"{unit.name}.log"
-        if unit.kind == "cell":
-            shared = study.shared_unit_of(unit)
-            if not is_done(study.root, shared.name):
+            print(f"{_prefix(study, index, units)}: done earlier, skipped", flush=True)
+        else:
+            pending.append((index, unit))
+    pending.sort(key=lambda item: item[1].kind != "shared")  # stable: otherwise in order
+    workers = study.config.executor.parallel_units
+    running: dict[str, tuple[subprocess.Popen, float, str]] = {}
+    while pending or running:
+        for name in [name for name, (process, _, _) in running.items()
+                     if process.poll() is not None]:
+            process, started, prefix = running.pop(name)
+            states[name] = _finish(study, study.unit(name), process.returncode, started, prefix)
+        for item in list(pending):
+            index, unit = item
+            if len(running) >= workers:
+                break
+            waiting = _shared_state(study, unit, states)
+            if waiting == "running":
+                continue
+            pending.remove(item)
+            prefix = _prefix(study, index, units)
+            if waiting == FAILED:
+                shared = study.shared_unit_of(unit)
                 shared_log = (read_unit(study.root, shared.name) or {}).get("log")
                 record_failure(study, unit, shared_log, f"not run: its shared unit "
                                f"{shared.name} did not finish (log: {shared_log})")
                 states[unit.name] = FAILED
                 print(f"{prefix}: not run, shared unit {shared.name} failed", flush=True)
                 continue
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"{prefix}: running, log {log}", flush=True)
-        started = time.perf_counter()
-        with log.open("a") as output:
-            returncode = subprocess.run(unit_command(study, unit, log), cwd=REPO,
-                                        stdout=output, stderr=subprocess.STDOUT).returncode
-        record = read_unit(study.root, unit.name)
-        if returncode and (record is None or record["state"] != FAILED):
-            # killed before it could record itself (signal, out of memory)
-            record_failure(study, unit, str(log), f"exit code {returncode}")
-        state = (read_unit(study.root, unit.name) or {}).get("state", FAILED)
-        states[unit.name] = state
-        print(f"{prefix}: {state} in {time.perf_counter() - started:.0f} s"
-              + (f" (see {log})" if state == FAILED else ""), flush=True)
-    return states
+            running[unit.name] = (_start(study, unit, prefix, workers), time.perf_counter(),
+                                  prefix)
+        time.sleep(0.2 if running else 0)
+    return {unit.name: states[unit.name] for unit in units}
+
+
+def _prefix(study: Study, index: int, units: list[Unit]) -> str:
+    return f"[study {study.config.name}] {index}/{len(units)} {units[index - 1].name}"
+
+
+def _shared_state(study: Study, unit: Unit, states: dict[str, str]) -> str | None:
+    """For a cell: ``running`` while its shared unit has not finished, FAILED if it failed,
+    None when it may start (shared units: always)."""
+    if unit.kind != "cell":
+        return None
+    shared = study.shared_unit_of(unit)
+    if is_done(study.root, shared.name):
+        return None
+    return FAILED if shared.name in states else "running"
+
+
+def _start(study: Study, unit: Unit, prefix: str, workers: int) -> subprocess.Popen:
+    log = study.root / "logs" / f"{unit.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{prefix}: running, log {log}", flush=True)
+    environment = dict(os.environ)
+    if workers > 1 and "OMP_NUM_THREADS" not in environment:
+        # Units side by side share the cores; oversubscribed threads only slow them down.
+        environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    with log.open("a") as output:
+        return subprocess.Popen(unit_command(study, unit, log), cwd=REPO, stdout=output,
+                                stderr=subprocess.STDOUT, env=environment)
+
+
+def _finish(study: Study, unit: Unit, returncode: int, started: float, prefix: str) -> str:
+    record = read_unit(study.root, unit.name)
+    log = study.root / "logs" / f"{unit.name}.log"
+    if returncode and (record is None or record["state"] != FAILED):
+        # killed before it could record itself (signal, out of memory)
+        record_failure(study, unit, str(log), f"exit code {returncode}")
+    state = (read_unit(study.root, unit.name) or {}).get("state", FAILED)
+    print(f"{prefix}: {state} in {time.perf_counter() - started:.0f} s"
+          + (f" (see {log})" if state == FAILED else ""), flush=True)
+    return state
 
 
 # ----- Slurm -----

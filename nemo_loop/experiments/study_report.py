@@ -4,8 +4,9 @@ over seeds, a markdown report and plots.
 Files in the study directory:
 
 * ``results.jsonl`` / ``results.csv``: one row per (cell or pretrained model, seed, loop
-  budget) with accuracy, training FLOPs, inference FLOPs per problem; a cell × seed that did
-  not finish is one row with its state (failed/missing), its log and no accuracy;
+  budget) with accuracy, training FLOPs, inference FLOPs per problem and the accuracy on the
+  selection split (``selection_accuracy``, validation: what settings are chosen on); a cell ×
+  seed that did not finish is one row with its state (failed/missing), its log and no accuracy;
 * ``summary.json``: per cell and budget the mean and 95% CI over seeds, and the paired
   differences against the baseline cell;
 * ``report.md``; ``accuracy_vs_loops.png`` (per method, CI bars), ``accuracy_vs_train_flops.png``
@@ -73,8 +74,15 @@ def result_rows(study: Study, records: dict) -> list[dict]:
                          "train_flops": record["train_flops"],
                          "inference_flops_per_problem":
                              record["inference_flops_per_problem"][loops],
-                         "seconds": record["seconds"]})
+                         "seconds": record["seconds"],
+                         **_selection_columns(record, loops)})
     return rows
+
+
+def _selection_columns(record: dict, loops: str) -> dict:
+    selection = record.get("selection")
+    return {"selection_split": selection["split"],
+            "selection_accuracy": selection["accuracy"][loops]} if selection else {}
 
 
 def _complete(study: Study, records: dict, cell: str | None, pretraining: str = "") -> list:
@@ -95,6 +103,23 @@ def _per_loop(records: list[dict]) -> dict[str, Interval]:
             for loops in records[0]["accuracy"]}
 
 
+def _selection(records: list[dict], baseline: list[dict] | None = None) -> dict | None:
+    """Mean and CI per loop on the selection split (and the paired difference against the
+    baseline's records), when every seed was scored on it."""
+    if not all("selection" in r for r in records):
+        return None
+    scores = [r["selection"] for r in records]
+    entry = {"split": scores[0]["split"],
+             "accuracy": _intervals({loops: mean_interval([s["accuracy"][loops] for s in scores])
+                                     for loops in scores[0]["accuracy"]})}
+    if baseline and all("selection" in r for r in baseline):
+        theirs = [r["selection"] for r in baseline]
+        entry["difference"] = _intervals({loops: paired_interval(
+            [s["accuracy"][loops] for s in scores], [t["accuracy"][loops] for t in theirs])
+            for loops in scores[0]["accuracy"]})
+    return entry
+
+
 def summarize(study: Study, records: dict) -> dict:
     cells, references = {}, {}
     for pretraining in dict.fromkeys(study.pretraining_of(c.name) for c in study.cells):
@@ -104,7 +129,8 @@ def summarize(study: Study, records: dict) -> dict:
                 "accuracy": _intervals(_per_loop(complete)),
                 "train_flops": _mean([r["train_flops"] for r in complete]),
                 "inference_flops_per_problem": _mean_costs(complete),
-                "seconds": _mean([r["seconds"] for r in complete])}
+                "seconds": _mean([r["seconds"] for r in complete]),
+                "selection": _selection(complete)}
     for cell in study.cells:
         complete = _complete(study, records, cell.name)
         entry = {"axes": cell.axes(), "method": cell.method, "complete": bool(complete),
@@ -117,10 +143,13 @@ def summarize(study: Study, records: dict) -> dict:
                 inference_flops_per_problem=_mean_costs(complete),
                 seconds=_mean([r["seconds"] for r in complete]))
         baseline = study.baselines.get(cell.name)
+        paired = None
         if complete and baseline and baseline != cell.name:
             paired = _complete(study, records, baseline)
             if paired:
                 entry["versus"] = {"baseline": baseline, **_paired(complete, paired)}
+        if complete:
+            entry["selection"] = _selection(complete, paired)
         cells[cell.name] = entry
     missing = [{"unit": name, "state": record["state"], "log": record.get("log"),
                 "error": (record.get("error") or "").splitlines()[0] if record.get("error")
@@ -214,6 +243,7 @@ def markdown(study: Study, summary: dict, command: str | None) -> str:
                  versus["verdict"][at]]) + " |")
         sections += ["", f"![accuracy vs training compute]({PLOTS['compute']})",
                      f"![accuracy vs inference cost]({PLOTS['pareto']})", ""]
+    sections += _selection_markdown(summary, loops)
     if summary["missing"]:
         sections += ["## Missing or failed units", "",
                      "Cells with a missing seed are not averaged over fewer seeds; rerun the "
@@ -222,6 +252,30 @@ def markdown(study: Study, summary: dict, command: str | None) -> str:
                      + (f" — {m['error']}" if m["error"] else "") for m in summary["missing"]]
         sections.append("")
     return "\n".join(sections)
+
+
+def _selection_markdown(summary: dict, loops: list[str]) -> list[str]:
+    """The selection-split table: what settings are chosen on (never the test numbers)."""
+    rows = [(name, entry["selection"]) for name, entry in
+            [*summary["references"].items(), *summary["cells"].items()]
+            if entry.get("selection")]
+    if not rows:
+        return []
+    split = rows[0][1]["split"]
+    lines = [f"## The {split} split (for choosing settings)", "",
+             f"Every model scored on {split} problems as well: settings (budgets, the mapping "
+             f"the divergence ablations use) are chosen on these numbers, not on the table "
+             f"above. Δ R̃: paired difference against the baseline at the cell's R̃.", "",
+             "| cell | " + " | ".join(f"{r} loop{'s' if r != '1' else ''}" for r in loops)
+             + " | Δ at R̃ |", "|---" * (len(loops) + 2) + "|"]
+    for name, selection in rows:
+        cell = summary["cells"].get(name, {})
+        at = str(cell.get("student_loops") or loops[-1])
+        difference = selection.get("difference", {}).get(at)
+        lines.append("| " + " | ".join([name, *[_cell_text(selection["accuracy"][r])
+                                                 for r in loops],
+                                         _cell_text(difference) if difference else "–"]) + " |")
+    return [*lines, ""]
 
 
 # ----- files -----

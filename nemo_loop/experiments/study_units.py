@@ -101,14 +101,16 @@ def run_unit(study: Study, unit: Unit, log: str | None = None) -> dict:
 def _shared(study: Study, unit: Unit) -> dict:
     config = study.shared_config(unit)
     clock = PhaseClock()
+    selection = study.selection_split()
     clock.run("pretrain", pretrain_phase, config)
-    clock.run("write prompt sets", write_prompt_sets, config)
+    clock.run("write prompt sets", write_prompt_sets, config, (selection,) if selection else ())
     clock.run("evaluate: pretrained", evaluate_model, config, PRETRAINED)
+    result = _selection(clock, config, PRETRAINED, selection)
     pretraining = config.pretrain_config()
     return {"phase_seconds": clock.seconds,
             "train_flops": run_flops(Path(pretraining.output_dir),
                                      pretraining.trainer.max_steps),
-            **evaluation_result(config, PRETRAINED)}
+            **evaluation_result(config, PRETRAINED), **result}
 
 
 def _cell(study: Study, unit: Unit) -> dict:
@@ -117,10 +119,22 @@ def _cell(study: Study, unit: Unit) -> dict:
     clock = PhaseClock()
     clock.run(f"train: {cell.name}", train_student, config, cell.name)
     clock.run(f"evaluate: {cell.name}", evaluate_model, config, cell.name)
+    result = _selection(clock, config, cell.name, study.selection_split())
     student = config.student_config(cell.name)
     return {"phase_seconds": clock.seconds,
             "train_flops": run_flops(Path(student.output_dir), student.trainer.max_steps),
-            **evaluation_result(config, cell.name)}
+            **evaluation_result(config, cell.name), **result}
+
+
+def _selection(clock: PhaseClock, config: CompressionExperimentConfig, model_name: str,
+               split: str | None) -> dict:
+    """The model on the selection split (the study's ``selection_split``), recorded apart."""
+    if split is None:
+        return {}
+    clock.run(f"evaluate on {split}: {model_name}", evaluate_model, config, model_name, split)
+    scores = evaluation_result(config, model_name, split)
+    return {"selection": {"split": split, "problem_ids": scores["problem_ids"],
+                          "accuracy": scores["accuracy"]}}
 
 
 def run_flops(output_dir: Path, max_steps: int) -> float | None:
@@ -134,14 +148,16 @@ def run_flops(output_dir: Path, max_steps: int) -> float | None:
     return sum(logged) / len(logged) * max_steps if logged else None
 
 
-def evaluation_result(config: CompressionExperimentConfig, model_name: str) -> dict:
+def evaluation_result(config: CompressionExperimentConfig, model_name: str,
+                      split: str | None = None) -> dict:
     """Per loop budget: accuracy, per-problem correctness (mean over samples, in the prompt
-    set's order) and model FLOPs per problem (prefill + decoding at that budget)."""
+    set's order) and model FLOPs per problem (prefill + decoding at that budget), on ``split``
+    (default: the experiment's evaluation_split)."""
     from nemo_loop.data.prompts import PromptSetConfig, load_prompt_set
     from nemo_loop.evaluation.report import SAMPLES_JSONL
     from nemo_loop.tasks import build_task
 
-    eval_config = config.eval_config(model_name)
+    eval_config = config.eval_config(model_name, split)
     problems = load_prompt_set(PromptSetConfig(path=eval_config.custom.path, id_field="id"))
     tokenizer = build_task(config.task).tokenizer()
     prompt_tokens = {p.id: len(tokenizer.encode_prompt(p.problem)) for p in problems}

@@ -61,7 +61,25 @@ def test_miniature_study_runs_resumes_and_refuses_another_study(tmp_path):
                     2) for seed in (1, 2)]
     assert versus["difference"]["2"]["mean"] == pytest.approx(sum(differences) / 2)
     assert versus["difference"]["2"]["seeds"] == 2
+    # Every model is also scored on the validation split (settings are chosen on it): other
+    # games than the test split's, and its paired difference from its own samples.
+    for seed in (1, 2):
+        data = tmp_path / "seeds" / str(seed) / "data"
+        games = {split: {json.loads(line)["problem"] for line in
+                         (data / f"{split}.jsonl").read_text().splitlines()}
+                 for split in ("validation", "test")}
+        assert len(games["validation"]) == 24 and not games["validation"] & games["test"]
+        assert units[f"llopsd-seed{seed}"]["selection"]["split"] == "validation"
+    validation = [
+        _accuracy(tmp_path / "seeds" / str(seed) / "eval-validation" / "llopsd" / "samples.jsonl",
+                  2)
+        - _accuracy(tmp_path / "seeds" / str(seed) / "eval-validation" / "terminal_only"
+                    / "samples.jsonl", 2) for seed in (1, 2)]
+    selection = summary["cells"]["llopsd"]["selection"]
+    assert selection["difference"]["2"]["mean"] == pytest.approx(sum(validation) / 2)
+    assert "## The validation split" in (tmp_path / "report.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert all(row["selection_split"] == "validation" for row in rows)
     assert len(rows) == (2 + 4) * 4  # (pretrained + cells) × seeds, × 4 loop budgets
     report = (tmp_path / "report.md").read_text()
     assert "| llopsd | terminal_only |" in report and "## Missing" not in report

@@ -223,3 +223,38 @@ def test_local_executor_records_a_crashed_unit_and_skips_its_seeds_cells(tmp_pat
     assert "dying" in (tmp_path / "logs" / "shared-seed1.log").read_text()
     cell = read_unit(tmp_path, "llopsd-seed1")
     assert "shared unit shared-seed1 did not finish" in cell["error"]
+
+
+def test_local_executor_runs_units_side_by_side_after_their_shared_unit(tmp_path, monkeypatch):
+    """parallel_units=2: both seeds' pretrainings at once, never more than two units, every
+    cell only after its seed's shared unit finished, and the cores split between the units."""
+    from nemo_loop.experiments import study_executors
+
+    study = _study(tmp_path, "seeds=[1,2]", "executor.parallel_units=2")
+    study.claim_directory()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(study_executors.os, "cpu_count", lambda: 4)
+    script = ("import json, os, sys, time; from pathlib import Path\n"
+              "root, name = Path(sys.argv[1]), sys.argv[2]; began = time.time()\n"
+              "time.sleep(0.6)\n"
+              "(root / 'units' / f'{name}.json').write_text(json.dumps({'state': 'done', "
+              "'began': began, 'ended': time.time(), "
+              "'threads': os.environ['OMP_NUM_THREADS']}))\n")
+    monkeypatch.setattr(study_executors, "unit_command", lambda study, unit, log: [
+        sys.executable, "-c", script, str(study.root), unit.name])
+    (tmp_path / "units").mkdir()
+    states = study_executors.run_local(study)
+    assert set(states.values()) == {"done"} and len(states) == 6
+    records = {path.stem: json.loads(path.read_text())
+               for path in (tmp_path / "units").iterdir()}
+    assert {record["threads"] for record in records.values()} == {"2"}
+    shared = [records[f"shared-seed{seed}"] for seed in (1, 2)]
+    assert shared[1]["began"] < shared[0]["ended"]  # the two pretrainings overlapped
+    for seed in (1, 2):
+        for cell in ("terminal_only", "llopsd"):
+            assert records[f"{cell}-seed{seed}"]["began"] >= \
+                records[f"shared-seed{seed}"]["ended"]
+    moments = sorted([(r["began"], 1) for r in records.values()]
+                     + [(r["ended"], -1) for r in records.values()])
+    running = [sum(step for _, step in moments[:i + 1]) for i in range(len(moments))]
+    assert max(running) == 2
