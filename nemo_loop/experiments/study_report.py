@@ -232,12 +232,13 @@ def markdown(study: Study, summary: dict, command: str | None) -> str:
                      f"Baseline: the cell with {summary['baseline']} and the same values on the "
                      f"other axes. Δ = cell − baseline on the same test items, seed by seed; "
                      f"mean ± 95% CI over {len(seeds)} seeds; *wins*/*loses* when the interval "
-                     f"excludes 0, else *ties*.", "",
+                     f"excludes 0, else *ties* — read at the cell's R̃ (a method that trains "
+                     f"every loop: at its baseline's R̃).", "",
                      "| cell | baseline | " + " | ".join(f"Δ at {r}" for r in loops)
                      + " | at R̃ |", "|---" * (len(loops) + 3) + "|"]
         for name, cell in paired:
             versus = cell["versus"]
-            at = str(cell["student_loops"] or num_loops)
+            at = _judged_at(summary, name, num_loops)
             sections.append("| " + " | ".join(
                 [name, versus["baseline"], *[_cell_text(versus["difference"][r]) for r in loops],
                  versus["verdict"][at]]) + " |")
@@ -252,6 +253,14 @@ def markdown(study: Study, summary: dict, command: str | None) -> str:
                      + (f" — {m['error']}" if m["error"] else "") for m in summary["missing"]]
         sections.append("")
     return "\n".join(sections)
+
+
+def _judged_at(summary: dict, name: str, num_loops: int) -> str:
+    """The loop budget a cell's verdict is read at: its R̃; for a method that trains every loop
+    (no R̃), its baseline's R̃ (the budget it is compared at); else all R loops."""
+    cell = summary["cells"].get(name, {})
+    baseline = summary["cells"].get(cell.get("versus", {}).get("baseline"), {})
+    return str(cell.get("student_loops") or baseline.get("student_loops") or num_loops)
 
 
 def _selection_markdown(summary: dict, loops: list[str]) -> list[str]:
@@ -270,7 +279,7 @@ def _selection_markdown(summary: dict, loops: list[str]) -> list[str]:
              + " | Δ at R̃ |", "|---" * (len(loops) + 2) + "|"]
     for name, selection in rows:
         cell = summary["cells"].get(name, {})
-        at = str(cell.get("student_loops") or loops[-1])
+        at = _judged_at(summary, name, int(loops[-1]))
         difference = selection.get("difference", {}).get(at)
         lines.append("| " + " | ".join([name, *[_cell_text(selection["accuracy"][r])
                                                  for r in loops],

@@ -258,3 +258,17 @@ def test_local_executor_runs_units_side_by_side_after_their_shared_unit(tmp_path
                      + [(r["ended"], -1) for r in records.values()])
     running = [sum(step for _, step in moments[:i + 1]) for i in range(len(moments))]
     assert max(running) == 2
+
+
+def test_a_cell_without_student_loops_is_judged_at_its_baselines():
+    """LoopRPT trains every loop (no R̃): its verdict against terminal-only at R̃ = 2 is read at
+    2 loops, not at R = 4."""
+    from nemo_loop.experiments.study_report import _judged_at
+
+    summary = {"cells": {"terminal_only": {"student_loops": 2},
+                         "looprpt": {"student_loops": None,
+                                     "versus": {"baseline": "terminal_only"}},
+                         "alone": {"student_loops": None}}}
+    assert _judged_at(summary, "terminal_only", 4) == "2"
+    assert _judged_at(summary, "looprpt", 4) == "2"
+    assert _judged_at(summary, "alone", 4) == "4"
