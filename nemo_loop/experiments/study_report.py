@@ -10,7 +10,8 @@ Files in the study directory:
 * ``summary.json``: per cell and budget the mean and 95% CI over seeds, and the paired
   differences against the baseline cell;
 * ``report.md``; ``accuracy_vs_loops.png`` (per method, CI bars), ``accuracy_vs_train_flops.png``
-  (accuracy at R̃ against the cell's training compute), ``pareto.png`` (accuracy against
+  (accuracy at R̃ against the cell's training compute), ``paired_differences.png`` (each
+  cell's paired difference at R̃ with its CI), ``pareto.png`` (accuracy against
   inference FLOPs per problem, every cell at every budget, with the Pareto front).
 
 A cell with a seed missing is reported as incomplete and left out of means, differences and
@@ -31,7 +32,7 @@ from nemo_loop.experiments.study_units import DONE, read_unit
 REPORT_MD, SUMMARY_JSON = "report.md", "summary.json"
 RESULTS_JSONL, RESULTS_CSV = "results.jsonl", "results.csv"
 PLOTS = {"loops": "accuracy_vs_loops.png", "compute": "accuracy_vs_train_flops.png",
-         "pareto": "pareto.png"}
+         "pareto": "pareto.png", "paired": "paired_differences.png"}
 MISSING = "missing"
 
 
@@ -242,7 +243,8 @@ def markdown(study: Study, summary: dict, command: str | None) -> str:
             sections.append("| " + " | ".join(
                 [name, versus["baseline"], *[_cell_text(versus["difference"][r]) for r in loops],
                  versus["verdict"][at]]) + " |")
-        sections += ["", f"![accuracy vs training compute]({PLOTS['compute']})",
+        sections += ["", f"![paired differences]({PLOTS['paired']})",
+                     f"![accuracy vs training compute]({PLOTS['compute']})",
                      f"![accuracy vs inference cost]({PLOTS['pareto']})", ""]
     sections += _selection_markdown(summary, loops)
     if summary["missing"]:
@@ -319,20 +321,23 @@ def plot_all(root: Path, study: Study, summary: dict) -> None:
     panels = sorted({tuple(str(cell["axes"][a]) for a in others) for cell in complete.values()})
     figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4),
                                 squeeze=False)
+    methods = list(dict.fromkeys(cell["method"] for cell in complete.values()))
     for panel, ax in zip(panels, axes[0]):
         for name, reference in summary["references"].items():
-            _errorbar(ax, reference["accuracy"], name, linestyle="--")
+            _errorbar(ax, reference["accuracy"], name, linestyle="--", color="black")
         for name, cell in complete.items():
             if tuple(str(cell["axes"][a]) for a in others) == panel:
-                _errorbar(ax, cell["accuracy"], cell["method"])
+                _errorbar(ax, cell["accuracy"], cell["method"],
+                          **_style(methods.index(cell["method"])))
         ax.set_title(", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(others, panel)) or
                      study.config.name)
         ax.set_xlabel("loops at inference")
         ax.set_xticks(range(1, study.cell_settings(study.cells[0].name).model.num_loops + 1))
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(figure, root / PLOTS["loops"])
+    _plot_paired(root, summary)
 
     figure, ax = plt.subplots(figsize=(6, 4))
     costs = []
@@ -367,6 +372,36 @@ def plot_all(root: Path, study: Study, summary: dict) -> None:
     _save(figure, root / PLOTS["pareto"])
 
 
+def _plot_paired(root: Path, summary: dict) -> None:
+    """Each cell's paired difference to its baseline at the budget it is judged at, with its
+    95% CI: the study's verdicts in one picture."""
+    import matplotlib.pyplot as plt
+
+    rows = [(name, cell["versus"]["difference"][_judged_at(summary, name, len(cell["accuracy"]))])
+            for name, cell in summary["cells"].items()
+            if cell["complete"] and "versus" in cell]
+    if not rows:
+        return
+    figure, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.2))
+    for index, (name, difference) in enumerate(reversed(rows)):
+        low = difference["mean"] - _half(difference)
+        high = difference["mean"] + _half(difference)
+        color = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:gray"
+        ax.errorbar([difference["mean"]], [index], xerr=[_half(difference)], marker="o",
+                    capsize=3, color=color)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [name for name, _ in reversed(rows)], fontsize=7)
+    ax.set_xlabel(f"paired Δ accuracy vs baseline at R̃ (95% CI, {len(summary['seeds'])} seeds)")
+    _save(figure, root / PLOTS["paired"])
+
+
+def _style(index: int) -> dict:
+    """A distinct colour and marker per method (tab10 alone repeats after 10 lines)."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](index % 20), "marker": "osD^"[index % 4]}
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both cost (lower) and accuracy (higher)."""
     front, best = [], -math.inf
@@ -393,8 +428,8 @@ def _half(value: dict) -> float:
 def _errorbar(ax, accuracy: dict, label: str, **style) -> None:
     loops = sorted(accuracy, key=int)
     ax.errorbar([int(r) for r in loops], [accuracy[r]["mean"] for r in loops],
-                yerr=[_half(accuracy[r]) for r in loops], marker="o", capsize=3, label=label,
-                **style)
+                yerr=[_half(accuracy[r]) for r in loops], capsize=3, label=label,
+                **{"marker": "o", **style})
 
 
 def _save(figure, path: Path) -> None:

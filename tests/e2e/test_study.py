@@ -83,7 +83,8 @@ def test_miniature_study_runs_resumes_and_refuses_another_study(tmp_path):
     assert len(rows) == (2 + 4) * 4  # (pretrained + cells) × seeds, × 4 loop budgets
     report = (tmp_path / "report.md").read_text()
     assert "| llopsd | terminal_only |" in report and "## Missing" not in report
-    for plot in ("accuracy_vs_loops.png", "accuracy_vs_train_flops.png", "pareto.png"):
+    for plot in ("accuracy_vs_loops.png", "accuracy_vs_train_flops.png", "pareto.png",
+                 "paired_differences.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
     # A killed study continues: only the unit without a record runs again.
