@@ -272,3 +272,20 @@ def test_a_cell_without_student_loops_is_judged_at_its_baselines():
     assert _judged_at(summary, "terminal_only", 4) == "2"
     assert _judged_at(summary, "looprpt", 4) == "2"
     assert _judged_at(summary, "alone", 4) == "4"
+
+
+@pytest.mark.parametrize("name", ["shell_game", "shell_game_looprpt"])
+def test_the_committed_studies_load(name, tmp_path):
+    """The §5.1 study and its LoopRPT companion (docs/studies/shell_game.md) stay runnable:
+    every cell resolves to a valid run, and LoopRPT pairs with terminal-only at R̃ = 2."""
+    from nemo_loop.experiments.study import load_study
+
+    study = load_study(CONF_DIR / "studies" / f"{name}.yaml", [f"output_dir={tmp_path}"])
+    assert study.config.seeds == [1, 2, 3, 4, 5]
+    cells = [cell.name for cell in study.cells]
+    if name == "shell_game":
+        assert len(cells) == 26 and study.selection_split() == "validation"
+        assert study.config.executor.parallel_units == 2
+    else:
+        assert study.baselines["looprpt+student_loops=2"] == "terminal_only+student_loops=2"
+        assert study.algorithm_of("looprpt+student_loops=2") == "looprpt"
