@@ -276,11 +276,11 @@ def _selection_markdown(summary: dict, loops: list[str]) -> list[str]:
     lines = [f"## The {split} split (for choosing settings)", "",
              f"Every model scored on {split} problems as well: settings (budgets, the mapping "
              f"the divergence ablations use) are chosen on these numbers, not on the table "
-             f"above. Δ R̃: paired difference against the baseline at the cell's R̃.", "",
+             f"above. Δ at R̃: the paired difference against the baseline where the cell is "
+             f"judged (its R̃).", "",
              "| cell | " + " | ".join(f"{r} loop{'s' if r != '1' else ''}" for r in loops)
              + " | Δ at R̃ |", "|---" * (len(loops) + 2) + "|"]
     for name, selection in rows:
-        cell = summary["cells"].get(name, {})
         at = _judged_at(summary, name, int(loops[-1]))
         difference = selection.get("difference", {}).get(at)
         lines.append("| " + " | ".join([name, *[_cell_text(selection["accuracy"][r])
