@@ -8,12 +8,11 @@ greedily at 2 loops (expected reward p(answer) = 0.475) and 67% at 4 loops, so R
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from nemo_loop.config import CONF_DIR, load_config
+from tests.resume import assert_exact_resume
 
 NUM_SWAPS = 3
 TRAIN_PROMPTS = 48
@@ -134,13 +133,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(pretrained, tmp_path, algo
 
     straight = run("straight", 4)
     first, second = run("resumed", 2), run("resumed", 4)
-    assert len(first) == 2 and len(second) == 2  # the second run started at step 2
-    losses = [m["loss"] for m in straight]
-    assert losses == [m["loss"] for m in first + second]
-    assert len(set(losses)) == 4  # the steps really differ
-    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text()
-              .splitlines()]
-    assert [(r["step"], r["loss"]) for r in logged] == list(enumerate(losses, start=1))
+    losses = assert_exact_resume(straight, first, second, tmp_path / "resumed")
     if algorithm == "rltt":
         assert straight[-1]["loop_weights"] == second[-1]["loop_weights"]
         assert straight[-1]["loop_weights"] != pytest.approx([0.5, 0.5], abs=1e-6)

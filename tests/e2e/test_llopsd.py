@@ -1,12 +1,12 @@
 """LLOPSD end to end on the tiny LoopLM with the real Ouro tokenizer and MATH-train prompts."""
 
-import json
 
 import pytest
 import torch
 
 from nemo_loop.algorithms.llopsd import LLOPSDConfig, train
 from nemo_loop.config import CONF_DIR, load_config
+from tests.resume import assert_exact_resume
 
 
 def _config(tmp_path, *overrides):
@@ -22,13 +22,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(megatron_single_process, t
     straight = train(_config(tmp_path / "straight", "trainer.max_steps=4", *common))
     first = train(_config(tmp_path / "resumed", "trainer.max_steps=2", *common))
     second = train(_config(tmp_path / "resumed", "trainer.max_steps=4", *common))
-    assert len(first) == 2 and len(second) == 2  # the second run started at step 2
-    losses = [m["loss"] for m in straight]
-    assert losses == [m["loss"] for m in first + second]
-    assert len(set(losses)) == 4  # the steps really differ
-    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text()
-              .splitlines()]
-    assert [(r["step"], r["loss"]) for r in logged] == list(enumerate(losses, start=1))
+    losses = assert_exact_resume(straight, first, second, tmp_path / "resumed")
 
     # The issue-19 case: same tensor shapes, another model (8 heads in 4 groups, R = 3).
     from nemo_loop.checkpointing import CheckpointMismatchError
@@ -138,7 +132,10 @@ def test_tied_embeddings_train_the_embedding_as_the_head(megatron_single_process
     from nemo_loop.algorithms.llopsd import llopsd_step, setup
     from nemo_loop.checkpointing import save_model_checkpoint
     from nemo_loop.models.looplm.model import build_loop_model
-    from nemo_loop.models.looplm.state_dict import gather_full_state_dict, load_full_state_dict
+    from nemo_loop.models.looplm.state_dict import (
+        gather_full_state_dict,
+        load_full_state_dict,
+    )
 
     common = ["trainer.resume=false", "optim.clip_grad=0", "optim.weight_decay=0"]
     tie = "model.tie_word_embeddings=true"

@@ -8,6 +8,7 @@ from nemo_loop.algorithms.sft import SFTConfig, train
 from nemo_loop.config import CONF_DIR, load_config
 from nemo_loop.data.prompts import load_prompt_set, write_prompt_set
 from nemo_loop.tasks import TaskConfig, build_task
+from tests.resume import assert_exact_resume
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,7 @@ def test_resumed_sft_repeats_the_uninterrupted_losses(megatron_single_process, t
     straight = train(_game_config(tmp_path / "straight", games, "trainer.max_steps=4", *common))
     first = train(_game_config(tmp_path / "resumed", games, "trainer.max_steps=2", *common))
     second = train(_game_config(tmp_path / "resumed", games, "trainer.max_steps=4", *common))
-    assert len(first) == 2 and len(second) == 2  # the second run started at step 2
-    losses = [m["loss"] for m in straight]
-    assert losses == [m["loss"] for m in first + second]
-    assert len(set(losses)) == 4  # the steps really differ
-    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text()
-              .splitlines()]
-    assert [(r["step"], r["loss"]) for r in logged] == list(enumerate(losses, start=1))
+    losses = assert_exact_resume(straight, first, second, tmp_path / "resumed")
 
 
 def test_sft_learns_the_shell_game_answers_at_two_loops(megatron_single_process, tmp_path,
