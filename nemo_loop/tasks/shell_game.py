@@ -25,9 +25,11 @@ held-out set stratified by k (per-k accuracy: :meth:`ShellGameTask.difficulty`).
 have few games (3 cups: 3^(k+1), i.e. 9 single-swap games), so a hash *bucket* per game would
 hold out a random share of them (blake2b puts 5 of the 9 single-swap games in test). Instead the
 games of a listed length k are ranked by their hash and exact shares are held out: the first
-⌈20%⌉ are test, the next ⌈10%⌉ validation, the rest stay in training (k = 1: 2 test, 1
-validation, 6 train). Full-length games keep the bucket rule, so the 8-swap sets are unchanged;
-with ``heldout_swaps: []`` nothing changes at all (the training stream included).
+⌈20%⌉ are test, the next ⌈10%⌉ validation, the rest stay in training (k = 2: 6 test, 3
+validation, 18 train of 27). Single-swap games are never held out (k ≥ 2): they are the rules
+every longer game composes, and with some of them held out pretraining stayed at chance.
+Full-length games keep the bucket rule, so the 8-swap sets are unchanged; with
+``heldout_swaps: []`` nothing changes at all (the training stream included).
 """
 
 from __future__ import annotations
@@ -82,10 +84,12 @@ class ShellGameConfig:
         if not 0.0 <= self.hint_fraction <= 1.0:
             raise ValueError(f"task.shell_game.hint_fraction must be in [0, 1], got {self.hint_fraction}")
         lengths = list(self.heldout_swaps)
-        if any(not isinstance(k, int) or not 1 <= k <= self.num_swaps for k in lengths) \
+        if any(not isinstance(k, int) or not 2 <= k <= self.num_swaps for k in lengths) \
                 or len(set(lengths)) != len(lengths):
             raise ValueError(f"task.shell_game.heldout_swaps must be distinct game lengths in "
-                             f"[1, num_swaps={self.num_swaps}], got {lengths}")
+                             f"[2, num_swaps={self.num_swaps}], got {lengths} (single-swap "
+                             f"games are the rules every longer game composes: with some held "
+                             f"out, pretraining stayed at chance)")
         for k in lengths:
             if k < self.num_swaps and games_of_length(self, k) > MAX_RANKED_GAMES:
                 raise ValueError(f"task.shell_game.heldout_swaps: length {k} has "
