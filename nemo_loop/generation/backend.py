@@ -35,16 +35,20 @@ class GenerationConfig:
     exit: ExitConfig = field(default_factory=ExitConfig)
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"generation.backend must be one of {BACKENDS}, got "
-                             f"{self.backend!r}")
-        self.vllm.validate()
+        self.validate_engine()
         self.exit.validate()
         if self.backend == "vllm" and self.exit.kv_fill != "compute":
             raise ValueError(f"generation.exit.kv_fill={self.exit.kv_fill} is not supported by "
                              f"generation.backend=vllm: its scheduler runs every request "
                              f"through every loop, so only kv_fill=compute (the exit loop's "
                              f"readout, no compute saved) is possible; use backend=native")
+
+    def validate_engine(self) -> None:
+        """What building the engine needs (the exit policy travels with each generate call)."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"generation.backend must be one of {BACKENDS}, got "
+                             f"{self.backend!r}")
+        self.vllm.validate()
 
 
 def build_engine(config: GenerationConfig, model: torch.nn.Module, *,
@@ -55,7 +59,7 @@ def build_engine(config: GenerationConfig, model: torch.nn.Module, *,
     holding a copy of the current weights (refit copies them in). ``max_batch_size`` bounds the
     native engine's batches; vLLM schedules its own (``generation.vllm.max_num_seqs``).
     """
-    config.validate()
+    config.validate_engine()
     if config.backend == "vllm":
         from nemo_loop.generation.vllm_engine import VLLMEngine
 

@@ -109,6 +109,24 @@ def check_model_supports(config: ExitConfig, model) -> None:
                          "model has none")
 
 
+def work_per_token(config: ExitConfig, exit_loops: list[int], num_loops: int
+                   ) -> tuple[list[int], list[int], list[bool]]:
+    """What the native engine ran for each generated token (token 0: the prefill's last
+    position): loops run, head evaluations, and whether a K/V projection filled its skipped
+    loops — the inputs of :func:`nemo_loop.utils.flops.adaptive_generation_flops`."""
+    compact = config.kv_fill != "compute" and config.policy != "oracle"
+    loops = [num_loops] + [loop if compact else num_loops for loop in exit_loops[1:]]
+    if config.policy == "oracle":
+        heads = [num_loops] * len(exit_loops)
+    elif config.policy == "confidence":  # the head reads every loop a row runs
+        heads = loops[:len(exit_loops)]
+    else:
+        heads = [1] * len(exit_loops)
+    propagated = [t > 0 and config.kv_fill == "propagate" and loop < num_loops
+                  for t, loop in enumerate(exit_loops)]
+    return loops[:len(exit_loops)], heads, propagated
+
+
 # ----- the decision after one loop -----
 
 class ExitDecider:

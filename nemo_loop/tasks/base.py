@@ -133,6 +133,9 @@ class Task(ABC):
         of swaps); evaluation reports accuracy per level. None: no levels."""
         return None
 
+    def mixed_heldout_problems(self, split: str, count_per_length: int) -> list[PromptRecord]:
+        raise ValueError(f"task {self.name!r} has no mixed-difficulty held-out sets")
+
     def max_sequence_tokens(self) -> int | None:
         """Longest prompt + answer + end of turn in tokens, when the task knows it."""
         return None
