@@ -82,7 +82,8 @@ class _Run:
                  rotary_pos_emb, device: torch.device):
         self.model, self.config, self.num_loops, self.cache = model, config, num_loops, cache
         self.rotary = rotary_pos_emb
-        self.decider = ExitDecider(config, num_loops, batch, model)
+        self.decider = ExitDecider(
+            config, num_loops, batch, lambda readout: model.exit_logits(readout[None, None])[0, 0])
         self.exit_loops = torch.full((batch,), num_loops, dtype=torch.long, device=device)
         self.decided = torch.zeros(batch, dtype=torch.bool, device=device)
         self.readouts: torch.Tensor | None = None  # [b, h] exit readouts

@@ -138,10 +138,18 @@ class ExitDecider:
     that accumulates over loops (the gate's log-survival, the previous readout) is kept per
     batch row, so the caller may drop exited rows between loops. ``oracle`` decides after the
     last loop only (:meth:`oracle_exits`).
+
+    ``gate_logits(readout [n, h]) → [n]`` is the model's exit gate. ``vocab_parallel``: the
+    logits a caller passes are this rank's megatron TP shard (the native engine; statistics
+    combine across the TP group and decisions are broadcast from its first rank); False: they
+    cover the full vocabulary and every rank computes the same decisions (vLLM's model, whose
+    TP group is vLLM's own).
     """
 
-    def __init__(self, config: ExitConfig, num_loops: int, batch_size: int, model):
-        self.config, self.num_loops, self.model = config, num_loops, model
+    def __init__(self, config: ExitConfig, num_loops: int, batch_size: int, gate_logits,
+                 vocab_parallel: bool = True):
+        self.config, self.num_loops, self.gate_logits = config, num_loops, gate_logits
+        self.vocab_parallel = vocab_parallel
         self.batch_size = batch_size
         self.log_survival: torch.Tensor | None = None  # q_exit: Σ_{j≤r} log σ(−g_j) [B]
         self.previous: torch.Tensor | None = None  # hidden_delta: readout of loop r−1 [B, h]
@@ -157,18 +165,18 @@ class ExitDecider:
         exits = self._policy_exits(loop, readout, rows, logits)
         if loop < self.config.min_loops:
             exits = torch.zeros_like(exits)
-        return same_on_all_tp_ranks(exits)
+        return same_on_all_tp_ranks(exits) if self.vocab_parallel else exits
 
     def _policy_exits(self, loop, readout, rows, logits) -> torch.Tensor:
         policy = self.config.policy
         if policy == "q_exit":
-            gate = self.model.exit_logits(readout[None, None])[0, 0].float()  # [n]
+            gate = self.gate_logits(readout).float()  # [n]
             if self.log_survival is None:
                 self.log_survival = gate.new_zeros(self.batch_size)
             self.log_survival[rows] += torch.nn.functional.logsigmoid(-gate)
             return self.log_survival[rows] <= self.log_stay_below
         if policy == "confidence":
-            return top2_probability_gap(logits) >= self.config.threshold
+            return top2_probability_gap(logits, self.vocab_parallel) >= self.config.threshold
         if policy == "hidden_delta":
             current = readout.float()
             if self.previous is None:
@@ -189,14 +197,39 @@ class ExitDecider:
         agrees[-1] = True
         loops = torch.arange(1, agrees.shape[0] + 1, device=agrees.device)
         loops = loops.unsqueeze(1).expand_as(agrees)
-        return same_on_all_tp_ranks(torch.where(agrees, loops, agrees.shape[0] + 1)
-                                    .min(0).values)
+        exits = torch.where(agrees, loops, agrees.shape[0] + 1).min(0).values
+        return same_on_all_tp_ranks(exits) if self.vocab_parallel else exits
+
+
+def choose_exit_readouts(config: ExitConfig, readouts: list[torch.Tensor], gate_logits,
+                         full_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Readout selection with every loop already run (``kv_fill: compute``; vLLM's model):
+    ``readouts`` [n, h] of loops 1..R̃ at the sampled positions → (each row's exit readout
+    [n, h], its exit loop [n]). ``full_logits(readout) → [n, V]`` (full vocabulary) is called
+    only for the policies that read the next-token distribution."""
+    num_loops, rows = len(readouts), len(readouts[0])
+    decider = ExitDecider(config, num_loops, rows, gate_logits, vocab_parallel=False)
+    active = torch.arange(rows, device=readouts[0].device)
+    logits = [full_logits(readout) if config.policy in LOGIT_POLICIES else None
+              for readout in readouts]
+    if config.policy == "oracle":
+        exit_loops = decider.oracle_exits(torch.stack([z.argmax(-1) for z in logits]))
+    else:
+        exit_loops = torch.full((rows,), num_loops, dtype=torch.long, device=active.device)
+        decided = torch.zeros(rows, dtype=torch.bool, device=active.device)
+        for loop, (readout, loop_logits) in enumerate(zip(readouts, logits), start=1):
+            new = decider.after_loop(loop, readout, active, loop_logits) & ~decided
+            exit_loops[new] = loop
+            decided |= new
+    chosen = torch.stack(readouts)[exit_loops - 1, active]
+    return chosen, exit_loops
 
 
 # ----- statistics of vocab-parallel logits, without gathering the vocabulary -----
 
-def top2_probability_gap(logits: torch.Tensor) -> torch.Tensor:
-    """[n, V/TP] logit shards → [n] p(top-1) − p(top-2) of the full softmax.
+def top2_probability_gap(logits: torch.Tensor, vocab_parallel: bool = True) -> torch.Tensor:
+    """[n, V/TP] logit shards (``vocab_parallel=False``: [n, V]) → [n] p(top-1) − p(top-2) of
+    the full softmax.
 
     Each rank reduces its shard to its two largest logits and its log-sum-exp; those [n, 3]
     numbers are all-gathered (identical on every rank) and combined locally.
@@ -205,7 +238,8 @@ def top2_probability_gap(logits: torch.Tensor) -> torch.Tensor:
     top = logits.topk(min(2, logits.shape[-1]), dim=-1).values
     if top.shape[-1] == 1:
         top = torch.cat([top, torch.full_like(top, -math.inf)], dim=-1)
-    stats = _all_gather_tp(torch.cat([top, logits.logsumexp(-1, keepdim=True)], dim=-1))
+    stats = torch.cat([top, logits.logsumexp(-1, keepdim=True)], dim=-1)
+    stats = _all_gather_tp(stats) if vocab_parallel else stats.unsqueeze(1)
     maxima = stats[..., :2].flatten(-2)  # [n, 2·TP]
     best = maxima.topk(2, dim=-1).values
     log_normalizer = stats[..., 2].logsumexp(-1, keepdim=True)
