@@ -278,3 +278,12 @@ def test_vllm_backend_refuses_copy_and_propagate():
                                                               kv_fill="propagate"))
     with pytest.raises(ValueError, match="generation.exit.kv_fill=propagate"):
         config.validate()
+
+
+def test_training_rollouts_refuse_an_adaptive_policy():
+    from nemo_loop.algorithms.llopsd import LLOPSDConfig
+    from nemo_loop.config import CONF_DIR, load_config
+
+    with pytest.raises(ValueError, match="adaptive exit is an inference setting"):
+        load_config(LLOPSDConfig, CONF_DIR / "llopsd.yaml", [
+            "generation.exit.policy=q_exit", "generation.exit.threshold=0.5"])
