@@ -287,3 +287,28 @@ def test_training_rollouts_refuse_an_adaptive_policy():
     with pytest.raises(ValueError, match="adaptive exit is an inference setting"):
         load_config(LLOPSDConfig, CONF_DIR / "llopsd.yaml", [
             "generation.exit.policy=q_exit", "generation.exit.threshold=0.5"])
+
+
+@pytest.mark.parametrize("policy,threshold", [("q_exit", 0.6), ("confidence", 0.02),
+                                              ("hidden_delta", 0.4), ("oracle", None)])
+def test_readout_selection_without_compute_savings_follows_the_definitions(policy, threshold):
+    """``choose_exit_readouts`` (vLLM's path: every loop already ran, full-vocabulary logits)
+    against the reference written from the definitions."""
+    from nemo_loop.generation.exit import choose_exit_readouts
+
+    gen = torch.Generator().manual_seed(3)
+    readouts = [torch.randn(8, 16, generator=gen)]
+    for _ in range(3):  # each loop refines the previous readout, as a trained model's do
+        readouts.append(readouts[-1] + 0.7 * torch.randn(8, 16, generator=gen))
+    gate = torch.randn(16, generator=gen)
+    head = 0.2 * torch.randn(16, 50, generator=gen)
+    config = ExitConfig(policy, threshold)
+    chosen, exit_loops = choose_exit_readouts(config, readouts, lambda r: r @ gate,
+                                              lambda r: r @ head)
+    stacked = torch.stack(readouts)  # [R̃, n, h]
+    expected = [_reference_exit(config, stacked[:, row] @ head, stacked[:, row],
+                                stacked[:, row] @ gate, 4) for row in range(8)]
+    assert exit_loops.tolist() == expected
+    assert len(set(expected)) >= 2
+    for row, loop in enumerate(expected):
+        assert torch.equal(chosen[row], readouts[loop - 1][row])
