@@ -48,8 +48,14 @@ def test_gate_training_changes_the_gate_only(tmp_path, megatron_single_process):
     assert changed == {"exit_gate.weight", "exit_gate.bias"}
 
 
-def test_gate_training_needs_a_trained_model():
-    from nemo_loop.algorithms.exit_gate import ExitGateConfig
+def test_gate_training_needs_a_trained_model(tmp_path):
+    from nemo_loop.algorithms.exit_gate import ExitGateConfig, ExitGateLossConfig
+    from nemo_loop.config import CONF_DIR, load_config
 
     with pytest.raises(ValueError, match="trainer.init_from is required"):
-        ExitGateConfig().validate(check_paths=False)
+        load_config(ExitGateConfig, CONF_DIR / "exit_gate.yaml")
+    with pytest.raises(FileNotFoundError, match="trainer.init_from"):
+        load_config(ExitGateConfig, CONF_DIR / "exit_gate.yaml",
+                    [f"trainer.init_from={tmp_path}/nothing"])
+    with pytest.raises(ValueError, match="gate.slope"):
+        ExitGateLossConfig(slope=0).validate()
