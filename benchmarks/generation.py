@@ -26,6 +26,21 @@ For each config: batch 8, 128 random prompt tokens per row, greedy, no stop toke
   head_dim 16) are skipped with the reason. With ``--bf16`` (auto: when the CPU has AVX512-BF16
   or AMX) both engines are timed again with bf16 weights.
 
+* adaptive exit (``--engines adaptive``; mid config, R = 4, 128 prompt tokens,
+  ``--exit-new-tokens`` greedy tokens, batches ``--exit-batches``): tokens/s end-to-end and
+  decode-only (minus a 1-token call with the same prefill) and mean loops per decoded token for
+  ``q_exit`` at q ∈ {0.5, 0.8, 0.95, 1.0} with ``kv_fill: propagate``, next to static R̃ = 1..4.
+  The random model's gate is replaced by a seeded random linear gate (g = w·h + b, w ~ N(0,
+  0.15²), b = −0.5) whose exit loops spread over 1..4. A controlled case pins the gate to
+  σ(g) = 0.3 everywhere, so q = 0.5 exits every decoded token after loop 2 (mean loops 2.0):
+  its decode speed-up over static R̃ = 4 at every batch, with ``copy``, ``propagate`` and
+  ``compute`` (no compute saved: the control), and static R̃ = 2 as the ideal.
+  ``--exit-clock cpu`` times with this process's CPU time instead of wall time (with
+  ``--threads 1``, robust to other processes on a shared host).
+  Agreement under the oracle policy (batch 16): the share of rows whose tokens equal static
+  R̃ = 4's and the mean share of tokens before the first difference, with ``compute`` (1.0 by
+  construction), ``copy`` and ``propagate`` — the cost of the KV fill alone.
+
 Ends with one JSON line: {"bench": "generation", ...}.
 """
 
@@ -34,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import time
 
@@ -222,6 +238,124 @@ def bench_vllm(name: str, config: LoopModelConfig, new_tokens: int, repeats: int
     return results
 
 
+EXIT_QUANTILES = (0.5, 0.8, 0.95, 1.0)
+
+
+def _set_gate(model, weight_std: float, bias: float, seed: int = 0) -> None:
+    """A gate whose exits spread over the loops (weight_std > 0) or a constant one."""
+    gate = model.exit_gate
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=torch.Generator()
+                                      .manual_seed(seed)) * weight_std)
+        gate.bias.fill_(bias)
+
+
+def bench_adaptive(config: LoopModelConfig, batches: list[int], new_tokens: int,
+                   repeats: int, clock_name: str = "wall") -> dict:
+    """q_exit with compaction vs static budgets; the controlled mean-loops-2.0 case; the KV
+    fills' agreement under the oracle."""
+    from nemo_loop.generation import NativeLoopEngine, SamplingParams
+    from nemo_loop.generation.exit import ExitConfig
+
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    model = _build(config, seed=0)
+    engine = NativeLoopEngine(model)
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randint(0, config.vocab_size, (max(batches), PROMPT_TOKENS),
+                         generator=gen).tolist()
+    full = config.num_loops
+
+    def params(n, exit=None):
+        return SamplingParams(temperature=0, max_new_tokens=n, exit=exit or ExitConfig())
+
+    def mean_decode_loops(results):
+        loops = [loop for r in results for loop in r.exit_loops[1:]]
+        return sum(loops) / max(1, len(loops))
+
+    runs = {f"static_{r}": (r, ExitConfig()) for r in range(1, full + 1)}
+    runs.update({f"q_{q}": (full, ExitConfig("q_exit", q, kv_fill="propagate"))
+                 for q in EXIT_QUANTILES})
+    runs.update({f"mean2_{fill}": (full, ExitConfig("q_exit", 0.5, kv_fill=fill))
+                 for fill in ("copy", "propagate", "compute")})
+    per_batch = {}
+    engine.generate(pool[:2], 1, params(2))  # warm-up
+    for batch in batches:
+        prompts = pool[:batch]
+        # Every run (and the 1-token prefill runs) once per repeat, interleaved; the fastest
+        # of each counts, so load from other processes biases none of them. The clock is
+        # wall time, or this process's CPU time (--exit-clock cpu: with --threads 1 it ignores
+        # time spent waiting for a core on a shared host).
+        best = {label: float("inf") for label in [*runs, *(f"prefill_{r}" for r in
+                                                           range(1, full + 1))]}
+        loops_seen = {}
+        for _ in range(repeats):
+            for loops in range(1, full + 1):
+                started = clock()
+                engine.generate(prompts, loops, params(1))
+                best[f"prefill_{loops}"] = min(best[f"prefill_{loops}"], clock() - started)
+            for label, (loops, exit) in runs.items():
+                _set_gate(model, 0.0, math.log(0.3 / 0.7)) if label.startswith("mean2") \
+                    else _set_gate(model, 0.15, -0.5)
+                started = clock()
+                results = engine.generate(prompts, loops, params(new_tokens, exit))
+                best[label] = min(best[label], clock() - started)
+                loops_seen[label] = mean_decode_loops(results)
+        rows = {}
+        for label, (loops, _) in runs.items():
+            decode_s = best[label] - best[f"prefill_{loops}"]
+            rows[label] = {"tokens_per_s": round(batch * new_tokens / best[label], 1),
+                           "decode_tokens_per_s": round(batch * (new_tokens - 1) / decode_s, 1)
+                           if decode_s > 0 else float("nan"),
+                           "mean_loops": round(loops_seen[label], 3)}
+        for label in ("static_2", "mean2_copy", "mean2_propagate", "mean2_compute"):
+            rows[label]["speedup_vs_static_4"] = round(
+                rows[label]["tokens_per_s"] / rows["static_4"]["tokens_per_s"], 3)
+            rows[label]["decode_speedup_vs_static_4"] = round(
+                rows[label]["decode_tokens_per_s"] / rows["static_4"]["decode_tokens_per_s"], 3)
+        if any(math.isnan(row["decode_tokens_per_s"]) for row in rows.values()):
+            print("WARNING: a 1-token run took longer than a full one (host load changed "
+                  "mid-measurement); decode-only numbers are NaN, rerun with --repeats 3")
+        per_batch[str(batch)] = rows
+        print(f"\n== adaptive exit, mid, batch {batch}, prompt {PROMPT_TOKENS}, new {new_tokens} "
+              f"(greedy; q_exit with kv_fill propagate; mean2_*: σ(g) = 0.3, q = 0.5; "
+              f"{clock_name} clock)")
+        print(f"{'run':>16} {'mean loops':>11} {'tok/s':>9} {'decode tok/s':>13} "
+              f"{'vs R̃=4 (e2e / decode)':>24}")
+        for label, row in rows.items():
+            ratio = "" if "speedup_vs_static_4" not in row else \
+                f"{row['speedup_vs_static_4']:.2f}x / {row['decode_speedup_vs_static_4']:.2f}x"
+            print(f"{label:>16} {row['mean_loops']:>11.2f} {row['tokens_per_s']:>9.1f} "
+                  f"{row['decode_tokens_per_s']:>13.1f} {ratio:>24}")
+    _set_gate(model, 0.15, -0.5)
+    agreement = _oracle_agreement(engine, pool[:16], new_tokens, params)
+    print(f"oracle policy, batch 16: rows equal to static R̃=4 / mean share of tokens before "
+          f"the first difference: " + ", ".join(
+              f"{fill} {a['rows_equal']:.2f} / {a['prefix_share']:.2f}"
+              for fill, a in agreement.items()))
+    return {"per_batch": per_batch, "oracle_agreement": agreement, "clock": clock_name}
+
+
+def _oracle_agreement(engine, prompts, new_tokens, params) -> dict:
+    from nemo_loop.generation.exit import ExitConfig
+
+    reference = engine.generate(prompts, 4, params(new_tokens))
+    agreement = {}
+    for fill in ("compute", "copy", "propagate"):
+        results = engine.generate(prompts, 4, params(new_tokens, ExitConfig("oracle",
+                                                                            kv_fill=fill)))
+        prefixes = []
+        for one, two in zip(reference, results):
+            same = next((t for t, (a, b) in enumerate(zip(one.token_ids, two.token_ids))
+                         if a != b), len(one.token_ids))
+            prefixes.append(same / len(one.token_ids))
+        agreement[fill] = {"rows_equal": sum(p == 1.0 for p in prefixes) / len(prefixes),
+                           "prefix_share": round(sum(prefixes) / len(prefixes), 3),
+                           "mean_loops": round(sum(loop for r in results
+                                                   for loop in r.exit_loops[1:])
+                                               / sum(len(r.exit_loops) - 1 for r in results), 3)}
+    return agreement
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="tiny,mid")
@@ -230,9 +364,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="time each loop budget this many times (interleaved), keep the best")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--engines", default="native,vllm",
+    parser.add_argument("--engines", default="native,vllm,adaptive",
                         help="native: the native benchmark; vllm: vLLM vs native on the same "
-                        "weights (times both engines); native,vllm: both sections")
+                        "weights (times both engines); adaptive: adaptive loop exit (mid "
+                        "config); any comma-separated subset")
+    parser.add_argument("--exit-batches", default="1,16,64")
+    parser.add_argument("--exit-new-tokens", type=int, default=64)
+    parser.add_argument("--exit-clock", choices=("wall", "cpu"), default="wall",
+                        help="adaptive section: wall time, or this process's CPU time (with "
+                        "--threads 1: robust to other processes on a shared host)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="also compare in bf16 (auto: when the CPU has AVX512-BF16 or AMX)")
     args = parser.parse_args()
@@ -257,6 +397,10 @@ def main() -> None:
     per_config = {name: bench_config(name, CONFIGS[name], args.new_tokens,
                                       args.no_cache_tokens, args.repeats)
                   if "native" in engines else {} for name in args.configs.split(",")}
+    adaptive = {}
+    if "adaptive" in engines:
+        adaptive = bench_adaptive(CONFIGS["mid"], [int(b) for b in args.exit_batches.split(",")],
+                                  args.exit_new_tokens, args.repeats, args.exit_clock)
     if "vllm" in engines:
         for name, numbers in per_config.items():
             numbers["vllm"] = bench_vllm(name, CONFIGS[name], args.new_tokens, args.repeats,
@@ -272,9 +416,26 @@ def main() -> None:
                                   f"vllm_tokens_per_s{suffix}": numbers["vllm_tokens_per_s"],
                                   f"vllm_engine_start_s{suffix}": numbers["engine_start_s"],
                                   f"vllm_refit_s{suffix}": numbers["refit_s"]})
+    exit_headline = {}
+    if adaptive:
+        middle = adaptive["per_batch"].get("16") or next(iter(adaptive["per_batch"].values()))
+        exit_headline = {
+            "exit_mean2_speedup_vs_static_4": {
+                fill: middle[f"mean2_{fill}"]["speedup_vs_static_4"]
+                for fill in ("copy", "propagate", "compute")},
+            "exit_mean2_decode_speedup_vs_static_4": {
+                fill: middle[f"mean2_{fill}"]["decode_speedup_vs_static_4"]
+                for fill in ("copy", "propagate", "compute")},
+            "exit_static2_decode_speedup_vs_static_4": middle["static_2"][
+                "decode_speedup_vs_static_4"],
+            "exit_q_mean_loops": {label: row["mean_loops"] for label, row in middle.items()
+                                  if label.startswith("q_")},
+            "exit_oracle_agreement": adaptive["oracle_agreement"],
+            "exit_clock": adaptive["clock"]}
     print(json.dumps({"bench": "generation", **{k: v for k, v in headline.items() if k != "vllm"},
-                      **vllm_headline, "new_tokens": args.new_tokens,
-                      "per_config": per_config, "torch_threads": torch.get_num_threads()}))
+                      **vllm_headline, **exit_headline, "new_tokens": args.new_tokens,
+                      "per_config": per_config, "adaptive_exit": adaptive,
+                      "torch_threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,11 @@ ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (
     Algorithm("looprpt", "nemo_loop.algorithms.looprpt:LoopRPTConfig",
               "nemo_loop.algorithms.looprpt:train", student_loops_key=None,
               seed_keys=("trainer.seed", "trainer.data_seed"), prompts_key=None),
+    # Ouro's Stage II: the exit gate of trainer.init_from's model, re-fitted with the LM frozen
+    # (a study runs it after a student, with init_from = that student's checkpoint).
+    Algorithm("exit_gate", "nemo_loop.algorithms.exit_gate:ExitGateConfig",
+              "nemo_loop.algorithms.exit_gate:train", student_loops_key=None,
+              seed_keys=("trainer.seed", "trainer.data_seed"), prompts_key=None),
 )}
 
 

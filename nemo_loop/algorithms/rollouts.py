@@ -206,6 +206,11 @@ def validate_rollout_run(config, world_size: int | None, check_paths: bool,
     config.data.validate(check_path=check_paths)
     config.rollout.validate()
     config.generation.validate()
+    if config.generation.exit.adaptive:
+        raise ValueError(f"generation.exit.policy={config.generation.exit.policy}: {algorithm} "
+                         f"rollouts run every token at rollout.student_loops (the loss "
+                         f"recomputes that loop budget); adaptive exit is an inference setting "
+                         f"(recipes/evaluate.py)")
     if trainer.max_steps < 1 or trainer.micro_batch_size < 1:
         raise ValueError("trainer.max_steps and trainer.micro_batch_size must be >= 1")
     if world_size is not None:

@@ -101,6 +101,16 @@ def teacher_forced(config, micro_batches: list[dict], loops: int, logit_loops: i
     return step_metrics({"train": total}, seconds, config.trainer.peak_flops_per_s)
 
 
+def exit_gate(config, micro_batches: list[dict], seconds: float) -> dict:
+    """Stage II gate training: the frozen model's forward through all R loops with the head at
+    every loop and position (the per-loop losses); the gate's own backward is O(h) per token
+    and left out."""
+    shape, loops = LoopShape.of(config.model), config.model.num_loops
+    total = sum(forward_flops(shape, tokens, loops, tokens * loops)
+                for micro_batch in micro_batches for tokens in micro_batch["row_lengths"].tolist())
+    return step_metrics({"forward": total}, seconds, config.trainer.peak_flops_per_s)
+
+
 def looprpt(config, micro_batches: list[dict], seconds: float) -> dict:
     """LoopRPT on teacher-forced rows (``row_lengths``): the EMA teacher's forward through all
     R loops with the head at every loop and position, and the student's forward + backward over

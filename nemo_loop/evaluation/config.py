@@ -42,6 +42,9 @@ class EvalConfig:
     # Prompt format, tokenizer, answer checking and the benchmark registry.
     task: TaskConfig = field(default_factory=TaskConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # native | vllm
+    # With an adaptive generation.exit policy: the thresholds it is evaluated at (empty: its own
+    # generation.exit.threshold), at R̃ = the largest loop budget, after the static budgets.
+    exit_thresholds: list[float] = field(default_factory=list)
     generation_batch_size: int = 64  # sequences per native-engine batch (vLLM batches itself)
     entropy_batch_size: int = 16  # sequences per entropy forward
     tensor_parallel: int = 1
@@ -52,7 +55,7 @@ class EvalConfig:
         """``check_paths=False`` skips the checks on files an earlier pipeline phase writes."""
         self.model.validate(self.tensor_parallel)
         self.sampling.validate()
-        self.generation.validate()
+        self._validate_generation()
         self.task.validate()
         self.wandb.validate()
         task = build_task(self.task)
@@ -80,6 +83,22 @@ class EvalConfig:
             raise ValueError("generation_batch_size and entropy_batch_size must be >= 1")
         if self.checkpoint_step is not None and self.checkpoint is None:
             raise ValueError("checkpoint_step is set but checkpoint is null")
+
+    def _validate_generation(self) -> None:
+        exit = self.generation.exit
+        if not self.exit_thresholds:
+            self.generation.validate()
+        elif not exit.adaptive or exit.policy == "oracle":
+            raise ValueError(f"exit_thresholds is set but generation.exit.policy is "
+                             f"{exit.policy!r}: thresholds sweep q_exit, confidence or "
+                             f"hidden_delta")
+        elif exit.threshold is not None:
+            raise ValueError(f"set either generation.exit.threshold ({exit.threshold}) or "
+                             f"exit_thresholds ({self.exit_thresholds}), not both")
+        else:
+            for threshold in self.exit_thresholds:
+                replace(self.generation, exit=replace(exit, threshold=threshold)).validate()
+        exit.check_loops(max(self.budgets()))
 
     def budgets(self) -> list[int]:
         return sorted(self.loop_budgets) or list(range(1, self.model.num_loops + 1))

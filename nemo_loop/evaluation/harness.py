@@ -2,9 +2,12 @@
 
 For every benchmark and loop budget R̃, each problem's prompt is sampled ``n_samples`` times
 with the native engine at ``num_loops=R̃``. Every sample is checked against the reference; then
-per budget: pass@k, avg@n, the mean entropy of every loop's next-token distribution along the
-generated tokens (R̃ values: intermediate loops included), generation wall time per sequence,
-tokens/s, and the speed-up over the full R loops.
+per budget: pass@k, avg@n, accuracy per difficulty level (when the task has levels: the shell
+game's number of swaps), the mean entropy of every loop's next-token distribution along the
+generated tokens (R̃ values: intermediate loops included), generation FLOPs per problem,
+generation wall time per sequence, tokens/s, and the speed-up over the full R loops. The budgets
+run every token at R̃ loops (static); an adaptive ``generation.exit`` policy is evaluated after
+them, over its threshold grid (:mod:`nemo_loop.evaluation.exit_sweep`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class SampleRecord:
     verify_error: str | None
     num_tokens: int
     finish_reason: str
+    # Adaptive exit: the policy and threshold that generated the sample, and each token's loop.
+    exit_policy: str = "static"
+    exit_threshold: float | None = None
+    exit_loops: list[int] | None = None
 
 
 @dataclass
@@ -116,7 +123,9 @@ def _batch_entropies(model, prompts, continuations, num_loops: int) -> torch.Ten
 
 def evaluate_budget(name: str, problems: list[PromptRecord], prompts: list[list[int]], *, model,
                     engine, task: Task, prompter: ChatTokenizer, config: EvalConfig,
-                    num_loops: int) -> tuple[dict, list[SampleRecord]]:
+                    num_loops: int) -> tuple[dict, list[SampleRecord], GenerationRun]:
+    """Every problem ``n_samples`` times at R̃ = ``num_loops`` loops for every token (static,
+    whatever ``generation.exit`` says: these are the fixed-budget reference points)."""
     sampling = config.sampling.params(prompter.stop_token_ids, config.sampling.seed)
     n = config.n_samples
     run = generate_samples(engine, prompts, num_loops, sampling, n)
@@ -124,6 +133,19 @@ def evaluate_budget(name: str, problems: list[PromptRecord], prompts: list[list[
     repeated_prompts = [prompt for prompt in prompts for _ in range(n)]
     entropies = loop_entropies(model, repeated_prompts, [r.token_ids for r in flat], num_loops,
                                config.entropy_batch_size)
+    records, correct_counts = judge(name, problems, run, task, prompter, num_loops)
+    metrics = budget_metrics(config, num_loops, correct_counts, flat, entropies, run.seconds,
+                             records)
+    metrics["accuracy_by_difficulty"] = accuracy_by_difficulty(task, problems, correct_counts, n)
+    metrics["flops_per_problem"] = generation_flops_per_problem(model.config, prompts, run,
+                                                                num_loops)
+    return metrics, records, run
+
+
+def judge(name: str, problems: list[PromptRecord], run: GenerationRun, task: Task,
+          prompter: ChatTokenizer, num_loops: int, exit_policy: str = "static",
+          exit_threshold: float | None = None) -> tuple[list[SampleRecord], list[int]]:
+    """Every sample decoded and checked: its record, and the correct samples per problem."""
     records, correct_counts = [], []
     for problem, samples in zip(problems, run.completions):
         correct = 0
@@ -135,11 +157,43 @@ def evaluate_budget(name: str, problems: list[PromptRecord], prompts: list[list[
                 benchmark=name, problem_id=problem.id, num_loops=num_loops, sample_index=index,
                 reference=problem.answer, response=response, extracted=verdict.extracted,
                 correct=verdict.correct, verify_error=verdict.error,
-                num_tokens=result.length, finish_reason=result.finish_reason))
+                num_tokens=result.length, finish_reason=result.finish_reason,
+                exit_policy=exit_policy, exit_threshold=exit_threshold,
+                exit_loops=None if exit_policy == "static" else list(result.exit_loops)))
         correct_counts.append(correct)
-    metrics = budget_metrics(config, num_loops, correct_counts, flat, entropies, run.seconds,
-                             records)
-    return metrics, records
+    return records, correct_counts
+
+
+def accuracy_by_difficulty(task: Task, problems: list[PromptRecord], correct_counts: list[int],
+                           n_samples: int) -> dict[str, dict]:
+    """{level: {"problems": count, "avg@n": accuracy}} for the task's difficulty levels ({} when
+    it has none), levels in increasing order."""
+    levels: dict[int, list[int]] = {}
+    for problem, correct in zip(problems, correct_counts):
+        level = task.difficulty(problem.problem)
+        if level is not None:
+            levels.setdefault(level, []).append(correct)
+    return {str(level): {"problems": len(counts), "avg@n": avg_at_n(counts, n_samples)}
+            for level, counts in sorted(levels.items())}
+
+
+def generation_flops_per_problem(model_config, prompts: list[list[int]], run: GenerationRun,
+                                 num_loops: int, work_per_token=None) -> float:
+    """Model FLOPs of every sample of a problem, averaged over problems. ``work_per_token``
+    (result → loops run, head evaluations, propagated flags per token): adaptive exit; None:
+    every token at ``num_loops`` loops, the head once."""
+    from nemo_loop.utils.flops import LoopShape, adaptive_generation_flops
+
+    shape = LoopShape.of(model_config)
+    total = 0
+    for prompt, samples in zip(prompts, run.completions):
+        for result in samples:
+            if work_per_token is None:
+                work = ([num_loops] * result.length, [1] * result.length, [])
+            else:
+                work = work_per_token(result)
+            total += adaptive_generation_flops(shape, len(prompt), num_loops, *work)
+    return total / max(1, len(prompts))
 
 
 def budget_metrics(config: EvalConfig, num_loops: int, correct_counts: list[int],
@@ -212,12 +266,11 @@ def run_evaluation(config: EvalConfig, model, prompter: ChatTokenizer,
             log.warning("%s: %d of %d prompts exceed model.max_sequence_length=%d and are "
                         "skipped", spec.name, len(skipped), len(problems),
                         model.config.max_sequence_length)
-        budgets = {}
+        budgets, static_runs = {}, {}
         for num_loops in config.budgets() if kept else []:
-            metrics, records = evaluate_budget(spec.name, kept, prompts, model=model,
-                                               engine=engine, task=task, prompter=prompter,
-                                               config=config,
-                                               num_loops=num_loops)
+            metrics, records, static_runs[num_loops] = evaluate_budget(
+                spec.name, kept, prompts, model=model, engine=engine, task=task,
+                prompter=prompter, config=config, num_loops=num_loops)
             budgets[num_loops] = metrics
             all_records += records
             log.info("%s R̃=%d avg@n=%.4f verify_errors=%d %.2fs/seq", spec.name, num_loops,
@@ -230,6 +283,13 @@ def run_evaluation(config: EvalConfig, model, prompter: ChatTokenizer,
         summary[spec.name] = {"spec": asdict(spec), "num_problems_loaded": len(problems),
                               "skipped_prompt_too_long": skipped,
                               "budgets": {str(r): m for r, m in budgets.items()}}
+        if config.generation.exit.adaptive and kept:
+            from nemo_loop.evaluation.exit_sweep import evaluate_exit_curve
+
+            summary[spec.name]["exit"], records = evaluate_exit_curve(
+                spec.name, kept, prompts, engine=engine, model=model, task=task,
+                prompter=prompter, config=config, static_runs=static_runs)
+            all_records += records
     engine.close()
     return summary, all_records
 

@@ -56,7 +56,58 @@ def markdown_table(results: dict) -> str:
         f"Model: {source}; R = {results['model']['num_loops']} loops.  ",
         f"Sampling: n = {results['config']['n_samples']}, temperature {sampling['temperature']},"
         f" top-p {sampling['top_p']}, max new tokens {sampling['max_new_tokens']}.", "",
-        *lines, ""])
+        *lines, "", *exit_tables(results), *difficulty_tables(results)])
+
+
+def exit_tables(results: dict) -> list[str]:
+    """Per benchmark with an adaptive-exit sweep: one row per threshold."""
+    lines = []
+    for name, bench in results["benchmarks"].items():
+        sweep = bench.get("exit")
+        if not sweep:
+            continue
+        lines += [f"## {name}: adaptive exit ({sweep['policy']}, kv_fill {sweep['kv_fill']}, "
+                  f"min_loops {sweep['min_loops']}, R̃ = {sweep['num_loops']})", "",
+                  "| threshold | avg@n | mean loops / token | mean loops / problem | exit "
+                  "loops (share of tokens at 1..R̃) | FLOPs / problem | FLOPs vs static R̃ | "
+                  "tok/s | agreement with static R̃ |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for threshold, metrics in sweep["thresholds"].items():
+            histogram = " / ".join(_fmt(share, 2) for share in metrics["exit_loop_histogram"])
+            lines.append(
+                f"| {threshold} | {_fmt(metrics['avg@n'])} | "
+                f"{_fmt(metrics['mean_loops_per_token'], 2)} | "
+                f"{_fmt(metrics['mean_loops_per_problem'], 2)} | {histogram} | "
+                f"{metrics['flops_per_problem']:.3g} | {_fmt(metrics['flops_ratio'], 2)} | "
+                f"{_fmt(metrics['tokens_per_s'], 1)} | {_fmt(metrics['agreement_with_static'])} |")
+        lines.append("")
+    return lines
+
+
+def difficulty_tables(results: dict) -> list[str]:
+    """Per benchmark whose task has difficulty levels: avg@n per level, one column per static
+    budget and per exit threshold."""
+    lines = []
+    for name, bench in results["benchmarks"].items():
+        columns = [(f"R̃={loops}", metrics) for loops, metrics
+                   in sorted(bench["budgets"].items(), key=lambda item: int(item[0]))]
+        sweep = bench.get("exit") or {}
+        columns += [(f"{sweep['policy']} {threshold}", metrics)
+                    for threshold, metrics in sweep.get("thresholds", {}).items()]
+        levels = sorted({int(level) for _, metrics in columns
+                         for level in metrics.get("accuracy_by_difficulty", {})})
+        if not levels:
+            continue
+        lines += [f"## {name}: avg@n per difficulty level", "",
+                  "| level | problems | " + " | ".join(label for label, _ in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for level in levels:
+            cells = [metrics["accuracy_by_difficulty"].get(str(level)) for _, metrics in columns]
+            count = next(cell["problems"] for cell in cells if cell)
+            lines.append(f"| {level} | {count} | " + " | ".join(
+                _fmt(cell["avg@n"]) if cell else "–" for cell in cells) + " |")
+        lines.append("")
+    return lines
 
 
 def write_markdown(output_dir: Path, results: dict) -> Path:
@@ -76,7 +127,37 @@ def plot_all(output_dir: Path, results: dict) -> list[Path]:
         if bench["budgets"]:
             paths.append(_plot_pass_at_k(output_dir, name, bench["budgets"]))
             paths.append(_plot_entropy_per_loop(output_dir, name, bench["budgets"]))
+        if bench.get("exit"):
+            paths.append(_plot_accuracy_vs_mean_loops(output_dir, name, bench))
     return paths
+
+
+def _plot_accuracy_vs_mean_loops(output_dir: Path, name: str, bench: dict) -> Path:
+    """avg@n against mean loops per generated token: the adaptive policy's thresholds as one
+    curve, the static budgets R̃ = 1..R as points on the same axes."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    budgets = _sorted_budgets(bench["budgets"])
+    axes.plot([r for r, _ in budgets], [m["avg@n"] for _, m in budgets], marker="s",
+              linestyle=":", color="grey", label="static R̃")
+    for loops, metrics in budgets:
+        axes.annotate(f"R̃={loops}", (loops, metrics["avg@n"]), fontsize=7,
+                      textcoords="offset points", xytext=(3, -9))
+    sweep = bench["exit"]
+    points = sorted(((m["mean_loops_per_token"], m["avg@n"], threshold)
+                     for threshold, m in sweep["thresholds"].items()))
+    axes.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o",
+              label=f"{sweep['policy']} ({sweep['kv_fill']})")
+    for x, y, threshold in points:
+        axes.annotate(threshold, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    axes.set_xlabel("mean loops per generated token")
+    axes.set_ylabel("accuracy (avg@n)")
+    axes.set_ylim(-0.02, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    axes.set_title(f"{name}: accuracy vs mean loops")
+    return _save(figure, output_dir / f"accuracy_vs_mean_loops_{name}.png")
 
 
 def _sorted_budgets(budgets: dict) -> list[tuple[int, dict]]:
@@ -164,6 +245,12 @@ def flat_metrics_per_budget(results: dict) -> dict[int, dict]:
                     flat.update({f"{name}/pass@{k}": v for k, v in value.items()})
                 elif key != "num_loops":
                     flat[f"{name}/{key}"] = value
+        sweep = bench.get("exit")
+        for threshold, metrics in (sweep or {}).get("thresholds", {}).items():
+            flat = per_budget.setdefault(int(sweep["num_loops"]), {})
+            prefix = f"{name}/exit_{sweep['policy']}_{threshold}"
+            flat.update({f"{prefix}/{key}": metrics[key] for key in (
+                "avg@n", "mean_loops_per_token", "flops_ratio", "agreement_with_static")})
     return dict(sorted(per_budget.items()))
 
 
@@ -184,5 +271,5 @@ def log_metrics(config, output_dir: Path, results: dict, plot_paths: list[Path])
 
 def _format_budget(loops: int, metrics: dict) -> str:
     accuracy = " ".join(f"{key.split('/')[0]}={value:.3f}" for key, value in metrics.items()
-                        if key.endswith("/avg@n"))
+                        if key.endswith("/avg@n") and key.count("/") == 1)
     return f"loops {loops} | avg@n {accuracy}"

@@ -4,8 +4,9 @@ An engine turns token-id prompts into continuations with a chosen loop budget (1
 R) and can be refit with the trainer's current weights. Two kinds of log-prob come back with
 every generated token:
 
-* ``logprobs``: log-softmax of the *final loop's* logits at temperature 1, over the full
-  vocabulary, with no top-k/top-p truncation. This is the model's own distribution
+* ``logprobs``: log-softmax of the logits of the loop the token was read out from (the final
+  loop, unless an adaptive exit policy stopped earlier: ``exit_loops``) at temperature 1, over
+  the full vocabulary, with no top-k/top-p truncation. This is the model's own distribution
   log π_θ(y_t | x, y_<t) at the loop budget that generated the token, which is what a trainer
   recomputes with a plain forward; on-policy distillation compares it with the teacher's.
 * ``sampling_logprobs``: the log-prob of the token under the distribution it was actually drawn
@@ -18,10 +19,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
+
+from nemo_loop.generation.exit import ExitConfig
 
 FinishReason = Literal["stop", "length"]
 
@@ -32,7 +35,8 @@ class SamplingParams:
 
     ``temperature == 0`` is greedy (argmax of the final loop's logits). ``top_k == 0`` and
     ``top_p == 1`` switch those filters off. ``seed`` fixes the sampling stream; ``None`` draws a
-    fresh one (still identical on every tensor-parallel rank).
+    fresh one (still identical on every tensor-parallel rank). ``exit``: the per-token adaptive
+    loop exit (``generation.exit``, see ``exit.py``); static by default.
     """
 
     temperature: float = 1.0
@@ -41,8 +45,13 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: Sequence[int] = ()
     seed: int | None = None
+    exit: ExitConfig = field(default_factory=ExitConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.exit, ExitConfig):
+            raise TypeError(f"SamplingParams.exit must be an ExitConfig, got "
+                            f"{type(self.exit).__name__}")
+        self.exit.validate()
         problems = []
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature >= 0):
@@ -77,11 +86,13 @@ class SamplingConfig:
     top_k: int = 0
     max_new_tokens: int = 64
 
-    def params(self, stop_token_ids: Sequence[int] = (), seed: int | None = None
-               ) -> SamplingParams:
+    def params(self, stop_token_ids: Sequence[int] = (), seed: int | None = None,
+               exit: ExitConfig | None = None) -> SamplingParams:
+        """``exit``: the ``generation.exit`` section (None: static, every token R̃ loops)."""
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_new_tokens=self.max_new_tokens,
-                              stop_token_ids=tuple(stop_token_ids), seed=seed)
+                              stop_token_ids=tuple(stop_token_ids), seed=seed,
+                              exit=replace(exit) if exit is not None else ExitConfig())
 
     def validate(self) -> None:
         self.params()
@@ -89,13 +100,21 @@ class SamplingConfig:
 
 @dataclass
 class GenerationResult:
-    """One prompt's continuation. A stop token that ended it is the last of ``token_ids``."""
+    """One prompt's continuation. A stop token that ended it is the last of ``token_ids``.
+
+    ``exit_loops[t]``: the loop token t was read out from (``num_loops`` for every token under
+    the static policy; under an adaptive one, the loop the policy stopped at)."""
 
     token_ids: list[int]
-    logprobs: list[float]  # final loop, temperature 1, full vocabulary (see module docstring)
+    logprobs: list[float]  # exit loop, temperature 1, full vocabulary (see module docstring)
     sampling_logprobs: list[float]  # under the distribution the token was drawn from
     finish_reason: FinishReason
     num_loops: int
+    exit_loops: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.exit_loops:
+            self.exit_loops = [self.num_loops] * len(self.token_ids)
 
     @property
     def length(self) -> int:

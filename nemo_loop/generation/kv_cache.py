@@ -13,6 +13,13 @@ so megatron rotates only the new tokens (the engine passes the rotary table rows
 and a forward pre-hook on each layer's ``core_attention`` swaps the new keys/values for the
 cached prefix + new ones. The hooks live only while a ``generate`` call runs.
 
+Adaptive exit (``adaptive.py``) needs ``RopeOnceKVCache``: a loop may run on a subset of the
+batch rows (``context_for(loop, rows)``: the new keys/values go to those rows, attention reads
+those rows' prefix), and the slots of the loops an exited token skipped are written directly
+(``slot_key_values`` / ``write_slot``). Buffers are allocated uninitialised; with
+``POISON_NEW_BUFFERS`` (a test switch) they start as NaN and every read of the cached prefix
+is checked, so a slot left unwritten fails loudly.
+
 MegatronStaticKVCache, in detail:
 
 megatron-core's attention keeps its static-batching cache in
@@ -38,6 +45,9 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.enums import AttnMaskType
 
+# Tests set this: new buffers are filled with NaN and every read of a prefix is checked for NaN.
+POISON_NEW_BUFFERS = False
+
 
 class MegatronStaticKVCache:
     """Per-loop static KV caches for one batch; slots are shared by all rows (left padding)."""
@@ -50,7 +60,11 @@ class MegatronStaticKVCache:
     def attached(self, model: torch.nn.Module) -> Iterator[None]:
         yield
 
-    def context_for(self, loop: int) -> StaticInferenceContext:
+    def context_for(self, loop: int, rows: torch.Tensor | None = None) -> StaticInferenceContext:
+        if rows is not None:
+            raise NotImplementedError("MegatronStaticKVCache runs every loop on all rows; "
+                                      "adaptive exit with kv_fill copy/propagate needs the "
+                                      "rope_once cache")
         return self.contexts[loop]
 
     def rotary_for(self, rotary_table: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -92,8 +106,10 @@ class RopeOnceKVCache:
     def __init__(self, num_loops: int, batch_size: int, num_slots: int):
         self.num_loops = num_loops
         self.num_slots = num_slots
+        self.batch_size = batch_size
         self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.loop = 0
+        self.rows: torch.Tensor | None = None  # batch rows the running loop feeds (None: all)
         self.slot = 0
 
     @contextlib.contextmanager
@@ -107,8 +123,9 @@ class RopeOnceKVCache:
             for handle in handles:
                 handle.remove()
 
-    def context_for(self, loop: int) -> None:
-        self.loop = loop
+    def context_for(self, loop: int, rows: torch.Tensor | None = None) -> None:
+        """The next layer calls are loop ``loop`` (0-based) on batch rows ``rows`` (None: all)."""
+        self.loop, self.rows = loop, rows
         return None
 
     def rotary_for(self, rotary_table: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -125,6 +142,22 @@ class RopeOnceKVCache:
     def keep_rows(self, rows: torch.Tensor) -> None:
         for key, (keys, values) in self.buffers.items():
             self.buffers[key] = (keys.index_select(1, rows), values.index_select(1, rows))
+        self.batch_size = len(rows)
+
+    def slot_key_values(self, loop: int, layer_index: int, rows: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) [1, n, groups/TP, head_dim] that ``rows`` wrote at the current slot in
+        (``loop``, layer)."""
+        keys, values = self.buffers[(loop, layer_index)]
+        return (keys[self.slot:self.slot + 1].index_select(1, rows),
+                values[self.slot:self.slot + 1].index_select(1, rows))
+
+    def write_slot(self, loop: int, layer_index: int, rows: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor) -> None:
+        """Write ``rows``' (key, value) [1, n, groups/TP, head_dim] at the current slot."""
+        keys, values = self.buffers[(loop, layer_index)]
+        keys[self.slot:self.slot + 1].index_copy_(1, rows, key.to(keys.dtype))
+        values[self.slot:self.slot + 1].index_copy_(1, rows, value.to(values.dtype))
 
     @property
     def num_entries(self) -> int:
@@ -141,20 +174,39 @@ class RopeOnceKVCache:
             end = self.slot + key.shape[0]
             if end > self.num_slots:
                 raise RuntimeError(f"KV cache has {self.num_slots} slots; cannot fill to {end}")
-            keys[self.slot:end] = key
-            values[self.slot:end] = value
+            if self.rows is None:
+                keys[self.slot:end] = key
+                values[self.slot:end] = value
+                prefix = keys[:end], values[:end]
+            else:  # a loop running on some rows only (adaptive exit)
+                keys[self.slot:end].index_copy_(1, self.rows, key)
+                values[self.slot:end].index_copy_(1, self.rows, value)
+                prefix = keys[:end].index_select(1, self.rows), \
+                    values[:end].index_select(1, self.rows)
+            if POISON_NEW_BUFFERS:
+                self._check_written(layer_index, *prefix)
             if self.slot > 0 and len(rest) > 0 and rest[0] is None:
                 # Decode without padding: the new tokens see the whole prefix. (megatron's local
                 # attention ignores the type; backends that honour it must not apply a
                 # top-left-aligned causal mask to sq < sk.)
                 kwargs = {**kwargs, "attn_mask_type": AttnMaskType.no_mask}
-            return (query, keys[:end], values[:end], *rest), kwargs
+            return (query, *prefix, *rest), kwargs
 
         return use_cached_prefix
 
     def _buffers_for(self, layer_index: int, key: torch.Tensor):
         entry = (self.loop, layer_index)
         if entry not in self.buffers:
-            shape = (self.num_slots, *key.shape[1:])
-            self.buffers[entry] = (key.new_empty(shape), key.new_empty(shape))
+            shape = (self.num_slots, self.batch_size, *key.shape[2:])
+            if POISON_NEW_BUFFERS:
+                self.buffers[entry] = (key.new_full(shape, float("nan")),
+                                       key.new_full(shape, float("nan")))
+            else:
+                self.buffers[entry] = (key.new_empty(shape), key.new_empty(shape))
         return self.buffers[entry]
+
+    def _check_written(self, layer_index: int, keys: torch.Tensor, values: torch.Tensor):
+        if bool(keys.isnan().any() or values.isnan().any()):
+            slots = (keys.isnan() | values.isnan()).flatten(1).any(1).nonzero().flatten()
+            raise RuntimeError(f"KV cache read unwritten slots {slots.tolist()} of loop "
+                               f"{self.loop + 1}, layer {layer_index}")

@@ -6,7 +6,8 @@ the last position alone goes through the vocab-parallel head; the shards are all
 every tensor-parallel rank samples from the same full-vocabulary logits with the same
 ``torch.Generator``, and the tokens are broadcast from the group's first rank so the ranks can
 never diverge. Rows that stop are dropped from the batch and their caches compacted, so finished
-sequences cost nothing afterwards.
+sequences cost nothing afterwards. With an adaptive exit policy (``SamplingParams.exit``) each
+step's loops run through ``adaptive.adaptive_forward``: rows stop looping at their own loop.
 
 Tensor parallelism is supported; pipeline and sequence parallelism are not (a decode step is a
 single token, which sequence parallelism cannot split, and a looped pipeline would need the
@@ -33,6 +34,8 @@ from nemo_loop.generation.engine import (
     SamplingParams,
     validate_prompts,
 )
+from nemo_loop.generation.adaptive import adaptive_forward, check_engine_supports
+from nemo_loop.generation.exit import check_model_supports
 from nemo_loop.generation.kv_cache import MegatronStaticKVCache, RopeOnceKVCache
 from nemo_loop.models.looplm.model import LoopGPTModel, check_num_loops
 
@@ -74,6 +77,9 @@ class NativeLoopEngine(GenerationEngine):
         config = self.model.config
         validate_prompts(prompts, config.vocab_size, config.max_sequence_length)
         num_loops = check_num_loops(num_loops, self.model.num_loops)
+        sampling.exit.check_loops(num_loops)
+        check_model_supports(sampling.exit, self.model)
+        check_engine_supports(sampling.exit, self.kv_cache if self.use_kv_cache else None)
         generator = torch.Generator().manual_seed(_shared_seed(sampling.seed))
         batch_size = self.max_batch_size or len(prompts)
         results: list[GenerationResult] = []
@@ -119,10 +125,11 @@ class NativeLoopEngine(GenerationEngine):
         if cache is not None:
             rotary_table = self.model.rotary_embedding(cache.num_slots)
         width = batch.prompt_width
-        logits = self._final_loop_logits(batch, 0, width, num_loops, cache, rotary_table)
+        logits, exit_loops = self._next_token_logits(batch, 0, width, num_loops, cache,
+                                                     rotary_table, sampling)
         for step in range(sampling.max_new_tokens):
             tokens, logprobs, sampling_logprobs = sample_next_tokens(logits, sampling, generator)
-            finished = batch.append(tokens, logprobs, sampling_logprobs, stop_ids)
+            finished = batch.append(tokens, logprobs, sampling_logprobs, stop_ids, exit_loops)
             if batch.all_done:
                 return
             if finished.any():
@@ -133,10 +140,26 @@ class NativeLoopEngine(GenerationEngine):
             slot = width + step  # the slot of the token just sampled
             if cache is not None:
                 cache.start_decode_at(slot)
-                logits = self._final_loop_logits(batch, slot, slot + 1, num_loops, cache,
-                                                 rotary_table)
+                logits, exit_loops = self._next_token_logits(batch, slot, slot + 1, num_loops,
+                                                             cache, rotary_table, sampling)
             else:  # recompute every slot so far
-                logits = self._final_loop_logits(batch, 0, slot + 1, num_loops, None, None)
+                logits, exit_loops = self._next_token_logits(batch, 0, slot + 1, num_loops,
+                                                             None, None, sampling)
+
+    def _next_token_logits(self, batch: "_Batch", start: int, end: int, num_loops: int, cache,
+                           rotary_table: torch.Tensor | None, sampling: SamplingParams
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-vocabulary fp32 logits [b, V] of the next token of every active row and the loop
+        [b] they were read out from."""
+        if not sampling.exit.adaptive:
+            logits = self._final_loop_logits(batch, start, end, num_loops, cache, rotary_table)
+            return logits, torch.full((batch.size,), num_loops, dtype=torch.long)
+        readout = adaptive_forward(
+            self.model, sampling.exit, num_loops, batch.tokens[:, start:end],
+            batch.positions(start, end), batch.attention_mask(start, end),
+            None if cache is None else cache.rotary_for(rotary_table, start, end), cache,
+            decode=cache is not None and start > 0)
+        return readout.logits, readout.exit_loops
 
     def _final_loop_logits(self, batch: "_Batch", start: int, end: int, num_loops: int,
                            cache, rotary_table: torch.Tensor | None) -> torch.Tensor:
@@ -223,7 +246,7 @@ class _Batch:
         return cls(tokens=tokens, valid=valid, pad=width - lengths,
                    rows=torch.arange(len(prompts)), budgets=budgets, prompt_width=width,
                    outputs=[dict(token_ids=[], logprobs=[], sampling_logprobs=[],
-                                 finish_reason=None) for _ in prompts])
+                                 exit_loops=[], finish_reason=None) for _ in prompts])
 
     @property
     def size(self) -> int:
@@ -253,18 +276,22 @@ class _Batch:
         return (future.unsqueeze(0) | padding.unsqueeze(1)).unsqueeze(1)
 
     def append(self, tokens: torch.Tensor, logprobs: torch.Tensor,
-               sampling_logprobs: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
-        """Record one sampled token per active row; returns which rows just finished."""
+               sampling_logprobs: torch.Tensor, stop_ids: torch.Tensor,
+               exit_loops: torch.Tensor) -> torch.Tensor:
+        """Record one sampled token per active row (read out from loop ``exit_loops``);
+        returns which rows just finished."""
         slot = self.prompt_width + len(self.outputs[int(self.rows[0])]["token_ids"])
         self.tokens[:, slot] = tokens
         self.budgets -= 1
         stopped = torch.isin(tokens, stop_ids)
         out_of_budget = self.budgets.le(0)
-        for row, token, logprob, sampling_logprob, stop, full in zip(
+        for row, token, logprob, sampling_logprob, stop, full, loop in zip(
                 self.rows.tolist(), tokens.tolist(), logprobs.tolist(),
-                sampling_logprobs.tolist(), stopped.tolist(), out_of_budget.tolist()):
+                sampling_logprobs.tolist(), stopped.tolist(), out_of_budget.tolist(),
+                exit_loops.tolist()):
             out = self.outputs[row]
             out["token_ids"].append(token)
+            out["exit_loops"].append(loop)
             out["logprobs"].append(logprob)
             out["sampling_logprobs"].append(sampling_logprob)
             if stop or full:
@@ -278,7 +305,8 @@ class _Batch:
     def results(self, num_loops: int) -> list[GenerationResult]:
         return [GenerationResult(token_ids=out["token_ids"], logprobs=out["logprobs"],
                                  sampling_logprobs=out["sampling_logprobs"],
-                                 finish_reason=out["finish_reason"], num_loops=num_loops)
+                                 finish_reason=out["finish_reason"], num_loops=num_loops,
+                                 exit_loops=out["exit_loops"])
                 for out in self.outputs]
 
 

@@ -31,6 +31,7 @@ raw log-probs), sampling log-probs (0 when greedy), finish reasons, per-request 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ from nemo_loop.generation.engine import (
     SamplingParams,
     validate_prompts,
 )
+from nemo_loop.generation.exit import ExitConfig
 from nemo_loop.models.looplm.config import LoopModelConfig
 
 VLLM_INSTALL_HINT = ("vLLM is not installed in this environment: run `make setup` (it installs "
@@ -141,6 +143,7 @@ class VLLMEngine(GenerationEngine):
         self.llm.collective_rpc("nemo_loop_install_sampler")
         self.start_seconds = time.perf_counter() - started
         self._loops_set = self.num_loops
+        self._exit_set = ExitConfig()
         self._fewest_cached_loops: int | None = None  # min loops of any call since last reset
         self._asleep = False
 
@@ -172,13 +175,16 @@ class VLLMEngine(GenerationEngine):
         prompts = _as_int_lists(prompts)
         validate_prompts(prompts, self.model_config.vocab_size,
                          self.model_config.max_sequence_length)
+        self._check_exit(sampling.exit, num_loops)
         self._use_loops(num_loops)
+        self._use_exit(sampling.exit)
         params = [self._request_params(sampling, len(prompt), index)
                   for index, prompt in enumerate(prompts)]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                     use_tqdm=False)
         self._maybe_sleep()
-        return [_result(output.outputs[0], num_loops, sampling.greedy) for output in outputs]
+        return [_result(output.outputs[0], num_loops, sampling.greedy, sampling.exit.adaptive)
+                for output in outputs]
 
     def refit(self, source: torch.nn.Module | Mapping[str, torch.Tensor]) -> RefitReport:
         """``source``: a LoopGPTModel (or wrapper; collective over its TP/PP groups), a full
@@ -224,6 +230,7 @@ class VLLMEngine(GenerationEngine):
         validate_prompts(prompts, self.model_config.vocab_size,
                          self.model_config.max_sequence_length)
         self._use_loops(num_loops)
+        self._use_exit(ExitConfig())  # prompt log-probs are the final loop's
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                      detokenize=False, ignore_eos=True)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
@@ -278,7 +285,25 @@ class VLLMEngine(GenerationEngine):
             temperature=float(sampling.temperature), top_p=float(sampling.top_p),
             top_k=sampling.top_k, max_tokens=min(sampling.max_new_tokens, room),
             stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True, seed=seed,
-            logprobs=1, detokenize=False, skip_special_tokens=False)
+            logprobs=2 if sampling.exit.adaptive else 1, detokenize=False,
+            skip_special_tokens=False)
+
+    def _check_exit(self, exit: ExitConfig, num_loops: int) -> None:
+        """vLLM selects the exit loop's readout only (every request runs every loop)."""
+        exit.check_loops(num_loops)
+        if exit.adaptive and exit.kv_fill != "compute":
+            raise ValueError(f"generation.exit.kv_fill={exit.kv_fill} is not supported by the "
+                             f"vLLM engine (every request runs every loop: kv_fill=compute "
+                             f"only); use the native engine")
+        if exit.adaptive and not self.config.enforce_eager:
+            raise ValueError("generation.exit.policy is adaptive, which needs "
+                             "generation.vllm.enforce_eager=true (a CUDA graph cannot choose "
+                             "a readout per row)")
+
+    def _use_exit(self, exit: ExitConfig) -> None:
+        if exit != self._exit_set:
+            self.llm.collective_rpc("nemo_loop_set_exit", args=(dataclasses.asdict(exit),))
+            self._exit_set = replace(exit)
 
     def _use_loops(self, num_loops: int) -> None:
         from nemo_loop.models.looplm.model import check_num_loops
@@ -315,18 +340,21 @@ class VLLMEngine(GenerationEngine):
 
 # ----- results -----
 
-def _result(completion, num_loops: int, greedy: bool) -> GenerationResult:
-    from nemo_loop.generation.vllm_ouro.worker import SAMPLING_LOGPROB_KEY
+def _result(completion, num_loops: int, greedy: bool, adaptive: bool) -> GenerationResult:
+    from nemo_loop.generation.vllm_ouro.worker import EXIT_LOOP_KEY, SAMPLING_LOGPROB_KEY
 
     tokens = list(completion.token_ids)
     logprobs = [entry[token].logprob for token, entry in zip(tokens, completion.logprobs)]
     sampling_logprobs = [0.0] * len(tokens) if greedy else \
         [entry[SAMPLING_LOGPROB_KEY].logprob for entry in completion.logprobs]
+    exit_loops = [round(entry[EXIT_LOOP_KEY].logprob) for entry in completion.logprobs] \
+        if adaptive else [num_loops] * len(tokens)
     if completion.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM finished a request with {completion.finish_reason!r}")
     return GenerationResult(token_ids=tokens, logprobs=logprobs,
                             sampling_logprobs=sampling_logprobs,
-                            finish_reason=completion.finish_reason, num_loops=num_loops)
+                            finish_reason=completion.finish_reason, num_loops=num_loops,
+                            exit_loops=exit_loops)
 
 
 # ----- the model and the process -----

@@ -128,6 +128,14 @@ class Task(ABC):
         raise ValueError(f"task {self.name!r} does not generate held-out problems; use a prompt "
                          f"set file instead")
 
+    def difficulty(self, problem: str) -> int | None:
+        """A problem's difficulty level, when the task defines one (the shell game: its number
+        of swaps); evaluation reports accuracy per level. None: no levels."""
+        return None
+
+    def mixed_heldout_problems(self, split: str, count_per_length: int) -> list[PromptRecord]:
+        raise ValueError(f"task {self.name!r} has no mixed-difficulty held-out sets")
+
     def max_sequence_tokens(self) -> int | None:
         """Longest prompt + answer + end of turn in tokens, when the task knows it."""
         return None

@@ -17,12 +17,28 @@ the config (see :func:`build_tokenizer`; :func:`write_tokenizer` saves it as ``t
 the rest of the project reads them through the same :class:`~nemo_loop.data.chat.ChatTokenizer`
 and prompt-set JSONL path as any math data. The splits are disjoint by construction: a
 problem's split is a hash of its text.
+
+Mixed-difficulty held-out sets (``heldout_swaps``): by default only full-length games are held
+out, so every evaluation game has ``num_swaps`` swaps. Listing shorter lengths k in
+``heldout_swaps`` holds out games of those lengths too, and :func:`mixed_problems` draws a
+held-out set stratified by k (per-k accuracy: :meth:`ShellGameTask.difficulty`). Short lengths
+have few games (3 cups: 3^(k+1), i.e. 9 single-swap games), so a hash *bucket* per game would
+hold out a random share of them (blake2b puts 5 of the 9 single-swap games in test). Instead the
+games of a listed length k are ranked by their hash and exact shares are held out: the first
+⌈20%⌉ are test, the next ⌈10%⌉ validation, the rest stay in training (k = 2: 6 test, 3
+validation, 18 train of 27). Single-swap games are never held out (k ≥ 2): they are the rules
+every longer game composes, and with some of them held out pretraining stayed at chance.
+Full-length games keep the bucket rule, so the 8-swap sets are unchanged; with
+``heldout_swaps: []`` nothing changes at all (the training stream included).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from dataclasses import dataclass
+import itertools
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +57,8 @@ HINT_TEMPLATE = HINT + " {answer}"
 # A game's split is its hash bucket: 2 of 10 buckets are test, 1 validation, 7 train.
 _HASH_BUCKETS = 10
 _SPLIT_SHARE = {"train": 0.7, "validation": 0.1, "test": 0.2}
+# Held-out short games are ranked among all games of their length: enumerable lengths only.
+MAX_RANKED_GAMES = 1 << 20
 
 
 @dataclass
@@ -52,6 +70,9 @@ class ShellGameConfig:
     # context, which the model must have seen to make use of it.
     hint_fraction: float = 0.25
     seed: int = 0
+    # Shorter game lengths that also have held-out (validation/test) games, for mixed-difficulty
+    # evaluation sets; [] holds out full-length games only (see the module docstring).
+    heldout_swaps: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         if not 3 <= self.num_cups <= 9:
@@ -62,6 +83,19 @@ class ShellGameConfig:
                              f"{self.min_swaps}, num_swaps={self.num_swaps}")
         if not 0.0 <= self.hint_fraction <= 1.0:
             raise ValueError(f"task.shell_game.hint_fraction must be in [0, 1], got {self.hint_fraction}")
+        lengths = list(self.heldout_swaps)
+        if any(not isinstance(k, int) or not 2 <= k <= self.num_swaps for k in lengths) \
+                or len(set(lengths)) != len(lengths):
+            raise ValueError(f"task.shell_game.heldout_swaps must be distinct game lengths in "
+                             f"[2, num_swaps={self.num_swaps}], got {lengths} (single-swap "
+                             f"games are the rules every longer game composes: with some held "
+                             f"out, pretraining stayed at chance)")
+        for k in lengths:
+            if k < self.num_swaps and games_of_length(self, k) > MAX_RANKED_GAMES:
+                raise ValueError(f"task.shell_game.heldout_swaps: length {k} has "
+                                 f"{games_of_length(self, k)} games; held-out short games are "
+                                 f"ranked among all games of their length, at most "
+                                 f"{MAX_RANKED_GAMES}")
 
     def swaps(self) -> list[tuple[int, int]]:
         return [(i, j) for i in range(self.num_cups) for j in range(i + 1, self.num_cups)]
@@ -92,15 +126,88 @@ def render(config: ShellGameConfig, start: int, swaps: list[int]) -> Problem:
 
 
 def split_of(problem: Problem, config: ShellGameConfig) -> str:
-    """Only full-length games are held out: every evaluation game is full length, so training
-    keeps every shorter game, among them all single-swap rules the long games compose."""
-    if len(problem.text.split()) - 4 < config.num_swaps:
-        return "train"
+    """Full-length games are held out by hash bucket; shorter games only when their length is
+    in ``heldout_swaps`` (exact shares by hash rank), else training keeps them all — among them
+    the single-swap rules the long games compose."""
+    length = len(problem.text.split()) - 4
+    if length < config.num_swaps:
+        if length not in config.heldout_swaps:
+            return "train"
+        return _ranked_splits(config.num_cups, length).get(problem.text, "train")
     # A cryptographic hash: CRC32 is linear, and its buckets correlated with the start cup and
     # the answer (test answers were skewed towards cup 0).
     digest = hashlib.blake2b(problem.text.encode(), digest_size=8).digest()
     bucket = int.from_bytes(digest, "little") % _HASH_BUCKETS
     return "test" if bucket < 2 else "validation" if bucket == 2 else "train"
+
+
+def _game_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def games_of_length(config: ShellGameConfig, length: int) -> int:
+    return config.num_cups * len(config.swaps()) ** length
+
+
+@functools.lru_cache(maxsize=64)
+def _ranked_splits(num_cups: int, length: int) -> dict[str, str]:
+    """Held-out games of one short length: the ⌈20%⌉ lowest hashes are test, the next ⌈10%⌉
+    validation (text → split; every other game of that length is train)."""
+    config = ShellGameConfig(num_cups=num_cups, num_swaps=max(length, 1))
+    texts = sorted((render(config, start, list(swaps)).text
+                    for start in range(num_cups)
+                    for swaps in itertools.product(range(len(config.swaps())), repeat=length)),
+                   key=_game_hash)
+    test = math.ceil(_SPLIT_SHARE["test"] * len(texts))
+    validation = math.ceil(_SPLIT_SHARE["validation"] * len(texts))
+    return {text: "test" if rank < test else "validation"
+            for rank, text in enumerate(texts[:test + validation])}
+
+
+def heldout_lengths(config: ShellGameConfig) -> list[int]:
+    """Game lengths with held-out games: ``heldout_swaps`` and ``num_swaps``."""
+    return sorted(set(config.heldout_swaps) | {config.num_swaps})
+
+
+def mixed_problems(config: ShellGameConfig, split: str, count_per_length: int
+                   ) -> list[tuple[int, Problem]]:
+    """A held-out set stratified by game length: (k, problem) for ``count_per_length`` distinct
+    games of ``split`` per length k in :func:`heldout_lengths` — all of them where a short
+    length has fewer. The full-length part is the first games of :func:`problems` (the 8-swap
+    set of the same config); a short length's games are its held-out games in a seeded order.
+    The same list for the same config."""
+    if split not in ("validation", "test"):
+        raise ValueError(f"mixed held-out sets are drawn from validation or test, got {split!r}")
+    if count_per_length < 1:
+        raise ValueError(f"count_per_length must be >= 1, got {count_per_length}")
+    chosen = []
+    for length in heldout_lengths(config):
+        if length == config.num_swaps:
+            games = problems(config, split, count_per_length)
+        else:
+            texts = sorted(text for text, where in _ranked_splits(config.num_cups,
+                                                                   length).items()
+                           if where == split)
+            generator = torch.Generator().manual_seed(
+                (config.seed * len(SPLITS) + SPLITS.index(split)) * 1000 + length)
+            order = torch.randperm(len(texts), generator=generator).tolist()
+            games = [_problem_of(config, texts[i]) for i in order[:count_per_length]]
+        chosen += [(length, game) for game in games]
+    return chosen
+
+
+def _problem_of(config: ShellGameConfig, text: str) -> Problem:
+    words = text.split()
+    pairs = {f"{i}-{j}": index for index, (i, j) in enumerate(config.swaps())}
+    return render(config, int(words[1]), [pairs[word] for word in words[3:-1]])
+
+
+def swaps_of(text: str) -> int | None:
+    """The number of swaps of a rendered game (None: not a game)."""
+    words = text.split()
+    if len(words) < 4 or words[0] != BALL or words[2] != SEPARATOR or words[-1] != QUESTION:
+        return None
+    return len(words) - 4
 
 
 def draw(config: ShellGameConfig, split: str, generator: torch.Generator,
@@ -237,6 +344,15 @@ class ShellGameTask(Task):
     def heldout_problems(self, split: str, count: int) -> list[PromptRecord]:
         return [PromptRecord(p.text, p.answer, None, str(i))
                 for i, p in enumerate(problems(self.config, split, count))]
+
+    def mixed_heldout_problems(self, split: str, count_per_length: int) -> list[PromptRecord]:
+        """The held-out set stratified by game length (:func:`mixed_problems`), ids ``k<k>-<i>``."""
+        return [PromptRecord(p.text, p.answer, None, f"k{k}-{i}")
+                for i, (k, p) in enumerate(mixed_problems(self.config, split, count_per_length))]
+
+    def difficulty(self, problem: str) -> int | None:
+        """The number of swaps: per-k accuracy in evaluation reports."""
+        return swaps_of(problem)
 
     def max_sequence_tokens(self) -> int:
         return self.config.max_prompt_words() + 2  # + answer and end of turn

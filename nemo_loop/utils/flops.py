@@ -22,6 +22,7 @@ Pure arithmetic on a model config's sizes (anything with ``hidden_size``, ``num_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Dense bf16 peak of one H100 SXM (989.4 TFLOP/s without sparsity), a common `peak_flops_per_s`.
@@ -107,6 +108,26 @@ def generation_flops(shape: LoopShape, prompt_tokens: int, generated_tokens: int
         return 0
     return forward_flops(shape, prompt_tokens + generated_tokens - 1, loops,
                          readouts=generated_tokens)
+
+
+def adaptive_generation_flops(shape: LoopShape, prompt_tokens: int, num_loops: int,
+                              loops_run: Sequence[int], head_readouts: Sequence[int],
+                              propagated: Sequence[bool] = ()) -> int:
+    """Sampling ``len(loops_run)`` tokens with a KV cache when each token may run its own
+    number of loops (adaptive exit). Token 0 comes from the prefill, which runs all
+    ``num_loops`` loops over the prompt (``loops_run[0]`` is ignored); token t ≥ 1 from a decode
+    step running ``loops_run[t]`` loops over ``prompt_tokens + t − 1`` cached tokens. The head
+    runs ``head_readouts[t]`` times for token t (1, or once per loop a policy reads), and a
+    ``propagated[t]`` token pays one K/V projection per layer for the loops it skipped (the
+    same keys/values fill all of them)."""
+    if not loops_run:
+        return 0
+    total = forward_flops(shape, prompt_tokens, num_loops, readouts=head_readouts[0])
+    for t in range(1, len(loops_run)):
+        total += forward_flops(shape, 1, loops_run[t], readouts=head_readouts[t],
+                               past_tokens=prompt_tokens + t - 1)
+    key_value = 2 * shape.hidden * 2 * shape.query_groups * shape.head_dim
+    return total + sum(propagated) * shape.layers * key_value
 
 
 def inference_flops_per_token(shape: LoopShape, loops: int, context_tokens: int) -> int:

@@ -108,6 +108,56 @@ def check_tp2_refit_copy_matches_trainer_forward():
     torch.testing.assert_close(torch.tensor(result.logprobs), expected, atol=1e-5, rtol=0)
 
 
+# Thresholds at which this model's tokens exit at a mix of loops.
+EXIT_POLICIES = {"q_exit": 0.6, "confidence": 0.01, "hidden_delta": 0.6, "oracle": None}
+
+
+def _run_adaptive(model):
+    from nemo_loop.generation import NativeLoopEngine, SamplingParams
+    from nemo_loop.generation.exit import ExitConfig
+
+    engine = NativeLoopEngine(model)
+    return {(policy, kv_fill): engine.generate(_prompts(), TINY.num_loops, SamplingParams(
+                temperature=0, max_new_tokens=NEW_TOKENS,
+                exit=ExitConfig(policy, threshold, kv_fill=kv_fill)))
+            for policy, threshold in EXIT_POLICIES.items()
+            for kv_fill in ("compute", "copy", "propagate")}
+
+
+def check_tp2_adaptive_exit_equals_tp1():
+    """Every policy × kv_fill: the same tokens, exit loops and log-probs at TP=2 as at TP=1
+    (confidence and the oracle read the vocab-parallel logits without gathering them)."""
+    tp2_runs = _run_adaptive(_build(ParallelConfig(tensor_parallel=2)))
+    parallel_state.destroy_model_parallel()
+    tp1_runs = _run_adaptive(_build(ParallelConfig(tensor_parallel=1)))
+    early = 0
+    for key, tp1_results in tp1_runs.items():
+        for one, two in zip(tp1_results, tp2_runs[key]):
+            assert one.token_ids == two.token_ids, (key, one.token_ids, two.token_ids)
+            assert one.exit_loops == two.exit_loops, (key, one.exit_loops, two.exit_loops)
+            torch.testing.assert_close(torch.tensor(two.logprobs), torch.tensor(one.logprobs),
+                                       atol=1e-5, rtol=0)
+            assert _same_on_every_rank(two.exit_loops), key
+            early += sum(loop < TINY.num_loops for loop in one.exit_loops)
+    assert early > 0
+
+
+def check_vocab_parallel_exit_statistics_equal_the_full_vocabulary():
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from nemo_loop.generation.exit import top2_probability_gap, vocab_parallel_argmax
+
+    initialize_model_parallel(ParallelConfig(tensor_parallel=2))
+    full = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+    full[3, 5] = full[3, 30] = full[3].max() + 1  # a tie across shards: the first index wins
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    shard = full[:, rank * 20:(rank + 1) * 20].contiguous()
+    assert torch.equal(gather_from_tensor_model_parallel_region(shard), full)
+    probs = torch.softmax(full, -1).topk(2).values
+    torch.testing.assert_close(top2_probability_gap(shard), probs[:, 0] - probs[:, 1])
+    assert torch.equal(vocab_parallel_argmax(shard), full.argmax(-1))
+
+
 def check_pipeline_parallel_is_refused():
     from nemo_loop.generation import NativeLoopEngine
 

@@ -263,3 +263,36 @@ def test_engine_in_another_process_generates_and_refits(model, prompts):
     finally:
         engine.close()
     assert torch.distributed.is_initialized()
+
+
+# ----- adaptive exit: readout selection (kv_fill=compute) equals the native engine's -----
+
+EXIT_THRESHOLDS = {"q_exit": 0.6, "confidence": 0.01, "hidden_delta": 0.6, "oracle": None}
+
+
+@pytest.mark.parametrize("policy", list(EXIT_THRESHOLDS))
+def test_adaptive_exit_tokens_and_exit_loops_equal_native(model, engine, prompts, policy):
+    from nemo_loop.generation.exit import ExitConfig
+
+    sampling = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS,
+                              exit=ExitConfig(policy, EXIT_THRESHOLDS[policy]))
+    expected = NativeLoopEngine(model).generate(prompts, 4, sampling)
+    got = engine.generate(prompts, 4, sampling)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert [r.exit_loops for r in got] == [r.exit_loops for r in expected]
+    assert len({loop for r in got for loop in r.exit_loops}) >= 2  # exits do vary
+    gaps = [abs(a - b) for one, two in zip(got, expected)
+            for a, b in zip(one.logprobs, two.logprobs)]
+    assert max(gaps) <= TOLERANCE
+    static = engine.generate(prompts, 4, _greedy())  # and back to the final loop's readout
+    assert [r.exit_loops for r in static] == [[4] * NEW_TOKENS] * len(prompts)
+    assert [r.token_ids for r in static] == \
+        [r.token_ids for r in NativeLoopEngine(model).generate(prompts, 4, _greedy())]
+
+
+def test_adaptive_exit_refuses_kv_fills_vllm_cannot_do(engine, prompts):
+    from nemo_loop.generation.exit import ExitConfig
+
+    with pytest.raises(ValueError, match="kv_fill=copy is not supported by the vLLM engine"):
+        engine.generate(prompts, 4, SamplingParams(exit=ExitConfig("q_exit", 0.5,
+                                                                   kv_fill="copy")))

@@ -2,8 +2,18 @@
 
 Same computation as ``LoopGPTModel`` with ``layer_spec: sandwich`` (and as HF Ouro): embed, then
 R̃ times [L shared sandwich layers, final RMSNorm], where the normalized state is both the next
-loop's input and the loop's readout; the head reads the *final* loop only (early exit is not
-used for generation). Per layer: x ← x + N₂(Attn(N₁x)); x ← x + N₄(MLP(N₃x)).
+loop's input and the loop's readout; the head reads the final loop, or, with an adaptive exit
+policy (``set_exit``), each request's exit loop at its sampled position. Per layer:
+x ← x + N₂(Attn(N₁x)); x ← x + N₄(MLP(N₃x)).
+
+Adaptive exit here is readout selection (``kv_fill: compute``): vLLM's scheduler runs every
+request through every loop, so the loops a token skips still run for their keys/values and no
+compute is saved. The sampled positions are the last token of each request in the step (vLLM's
+``logits_indices`` without speculative decoding), read from the attention metadata's
+``query_start_loc``; the policy (``nemo_loop.generation.exit``) sees their readouts of every
+loop, the gate ``early_exit_gate`` and, for ``confidence``/``oracle``, the full-vocabulary
+logits of each loop. The exit loop of every sampled row is kept for the sampler
+(``worker.TwoLogprobSampler``), which returns it with the token.
 
 KV cache: the shared layers see different inputs in every loop, so each (loop, layer) pair needs
 its own cache. Every layer owns one vLLM ``Attention`` per loop, registered under the virtual
@@ -150,10 +160,12 @@ class OuroModel(nn.Module):
             OuroDecoderLayer(config, i, vllm_config, prefix, f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # Loaded so that checkpoints load strictly; generation always runs R̃ loops and reads
-        # the last one, so the gate is never evaluated here.
+        # Evaluated by the q_exit policy (set_exit); loaded strictly in any case.
         self.early_exit_gate = ReplicatedLinear(config.hidden_size, 1, bias=True,
                                                 prefix=f"{prefix}.early_exit_gate")
+        self.exit = None  # an adaptive ExitConfig (None: static, the final loop is read out)
+        self.full_logits = None  # readout [n, h] → [n, V] (set by OuroForCausalLM)
+        self.exit_loops: torch.Tensor | None = None  # per sampled row of the last forward
 
     def set_num_loops(self, num_loops: int) -> None:
         if not isinstance(num_loops, int) or not 1 <= num_loops <= self.max_loops:
@@ -164,10 +176,22 @@ class OuroModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        sampled = _sampled_positions() if self.exit is not None else None
+        readouts = []
         for loop in range(self.num_loops):
             for layer in self.layers:
                 hidden = layer(positions, hidden, loop)
             hidden = self.norm(hidden)  # the loop's readout and the next loop's input
+            if sampled is not None:
+                readouts.append(hidden[sampled])
+        self.exit_loops = None
+        if sampled is not None:
+            from nemo_loop.generation.exit import choose_exit_readouts
+
+            chosen, self.exit_loops = choose_exit_readouts(
+                self.exit, readouts, lambda r: self.early_exit_gate(r)[0].squeeze(-1),
+                self.full_logits)
+            hidden = hidden.index_put((sampled,), chosen)
         return hidden
 
 
@@ -192,6 +216,19 @@ class OuroForCausalLM(nn.Module):
 
     def set_num_loops(self, num_loops: int) -> None:
         self.model.set_num_loops(num_loops)
+
+    def set_exit(self, exit_config) -> None:
+        """An adaptive ``ExitConfig`` for the following requests (None: static)."""
+        self.model.exit = exit_config if exit_config is not None and exit_config.adaptive \
+            else None
+        self.model.full_logits = self._full_logits
+
+    def _full_logits(self, readout: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [n, V] of readouts [n, h] on every TP rank."""
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        shard = self.lm_head.quant_method.apply(self.lm_head, readout)
+        return tensor_model_parallel_all_gather(shard)[..., :self.config.vocab_size]
 
     @property
     def num_loops(self) -> int:
@@ -231,6 +268,22 @@ class OuroForCausalLM(nn.Module):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(target)
         return loaded
+
+
+def _sampled_positions() -> torch.Tensor | None:
+    """The last token of every request in this step (what vLLM samples from), from the
+    attention metadata; None outside a real step (profiling and dummy runs have none)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):
+        metadata = metadata[0] if metadata else None
+    if not metadata:
+        return None
+    query_start = next(iter(metadata.values())).query_start_loc
+    return (query_start[1:] - 1).long()
 
 
 def _parameter(params: dict[str, nn.Parameter], target: str, source: str) -> nn.Parameter:

@@ -4,6 +4,7 @@ vLLM mixes this class into its worker, so ``LLM.collective_rpc("nemo_loop_…", 
 these methods on every worker (one per tensor-parallel rank, in-process or not):
 
 * ``nemo_loop_set_num_loops``: the loop budget R̃ of the following requests;
+* ``nemo_loop_set_exit``: their adaptive exit policy (``generation.exit``; readout selection);
 * ``nemo_loop_load_weights``: HF-named tensors → the live model through its weight loaders
   (each TP rank keeps its shard); ``…_from_bytes`` does the same from raw bytes (an engine in
   another process on CPU) and ``…_from_ipc`` from CUDA IPC handles (GPU, colocated trainer in
@@ -19,6 +20,8 @@ from vllm.v1.sample.sampler import Sampler
 
 # Key of the sampling-distribution log-prob in a token's vLLM logprob dict: no vocabulary id.
 SAMPLING_LOGPROB_KEY = -1
+# Key whose "log-prob" is the loop the token was read out from (adaptive exit, logprobs=2).
+EXIT_LOOP_KEY = -2
 
 
 class TwoLogprobSampler(Sampler):
@@ -29,11 +32,14 @@ class TwoLogprobSampler(Sampler):
     the raw one is the on-policy distillation/RL quantity, the processed one the behaviour
     policy of importance ratios. Requests ask for ``logprobs=1``: column 0 keeps the sampled
     token with its raw log-prob, column 1 (the top-1 slot) is replaced by
-    ``SAMPLING_LOGPROB_KEY`` with the processed log-prob of the sampled token.
+    ``SAMPLING_LOGPROB_KEY`` with the processed log-prob of the sampled token. With an adaptive
+    exit policy requests ask for ``logprobs=2`` and column 2 carries ``EXIT_LOOP_KEY`` with the
+    row's exit loop (``exit_loops()``: the model's, from the forward that made these logits).
     """
 
-    def __init__(self, use_fp64_gumbel: bool = False):
+    def __init__(self, use_fp64_gumbel: bool = False, exit_loops=None):
         super().__init__(logprobs_mode="processed_logprobs", use_fp64_gumbel=use_fp64_gumbel)
+        self.exit_loops = exit_loops or (lambda: None)
 
     def forward(self, logits: torch.Tensor, sampling_metadata, predict_bonus_token: bool = False,
                 logprobs_mode_override=None):
@@ -51,6 +57,10 @@ class TwoLogprobSampler(Sampler):
         logprobs[:, 1] = logprobs[:, 0]  # processed log-prob of the sampled token
         ids[:, 1] = SAMPLING_LOGPROB_KEY
         logprobs[:, 0] = raw.gather(1, sampled[:, None])[:, 0]
+        exit_loops = self.exit_loops()
+        if exit_loops is not None and ids.shape[1] >= 3:
+            ids[:, 2] = EXIT_LOOP_KEY
+            logprobs[:, 2] = exit_loops.to(logprobs)
         output.logprobs_tensors = tensors._replace(logprob_token_ids=ids, logprobs=logprobs)
         return output
 
@@ -65,13 +75,23 @@ class LoopWorkerExtension:
         self._nemo_loop_model().set_num_loops(num_loops)
         return num_loops
 
+    def nemo_loop_set_exit(self, exit_fields: dict) -> str:
+        from nemo_loop.generation.exit import ExitConfig
+
+        exit_config = ExitConfig(**exit_fields)
+        exit_config.validate()
+        self._nemo_loop_model().set_exit(exit_config)
+        return exit_config.policy
+
     def nemo_loop_install_sampler(self) -> str:
         runner = self.model_runner
         if not isinstance(getattr(runner, "sampler", None), Sampler):
             raise RuntimeError(
                 f"{type(runner).__name__} has no vLLM v1 Sampler to extend (vLLM's model "
                 "runner changed); sampling log-probs cannot be reported")
-        runner.sampler = TwoLogprobSampler(use_fp64_gumbel=runner.sampler.use_fp64_gumbel)
+        model = self._nemo_loop_model()
+        runner.sampler = TwoLogprobSampler(use_fp64_gumbel=runner.sampler.use_fp64_gumbel,
+                                           exit_loops=lambda: model.model.exit_loops)
         return type(runner.sampler).__name__
 
     def nemo_loop_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:

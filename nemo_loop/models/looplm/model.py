@@ -13,8 +13,10 @@ through all stages, and ``nemo_loop.models.looplm.pipeline`` sends the hidden st
 last stage back to the first for the next loop. ``forward`` is the single-stage path.
 
 Running loops and reading them out has one home, used by training, generation and evaluation:
-``run_loops`` (embed + R̃ loops, yielding each loop's readout), ``logits`` (the head, tied or
-not), ``output_weight`` (the head's weight, for fused losses), ``exit_logits`` (the gate) and
+``run_loops`` (embed + R̃ loops, yielding each loop's readout), ``run_loop`` (one loop on any
+rows, for a caller that schedules loops itself: adaptive exit), ``logits`` (the head, tied or
+not), ``output_weight`` (the head's weight, for fused losses), ``exit_logits`` (the gate),
+``key_value_projection`` (the keys/values each layer would attend with from a readout) and
 ``loop_output`` (all of it as a ``LoopOutput``). A caller may replace each loop's readout with
 a per-loop ``readout_transform`` (``finish_loop``; LoopRPT's noisy latent rollouts), which the
 head, the gate and the next loop then all see.
@@ -192,9 +194,24 @@ class LoopGPTModel(LanguageModule):
                readout_transform):
         for loop in range(num_loops):
             context = inference_context_for(loop) if inference_context_for is not None else None
-            hidden = self.run_shared_layers(hidden, attention_mask, rotary_pos_emb, context)
-            hidden = self.finish_loop(hidden, loop + 1, readout_transform)
+            hidden = self.run_loop(hidden, loop + 1, attention_mask=attention_mask,
+                                   rotary_pos_emb=rotary_pos_emb, inference_context=context,
+                                   readout_transform=readout_transform)
             yield hidden
+
+    def run_loop(self, hidden: torch.Tensor, loop: int, *,
+                 attention_mask: torch.Tensor | None = None,
+                 rotary_pos_emb: torch.Tensor | None = None, inference_context=None,
+                 readout_transform: ReadoutTransform | None = None) -> torch.Tensor:
+        """Loop ``loop`` (1-based) of the whole model (PP=1) on ``hidden`` [s, b, h] (the
+        previous loop's readout, or the embedding before loop 1): its readout [s, b, h].
+
+        The rows of ``hidden`` may be any subset of a batch (adaptive exit runs each loop on the
+        rows still looping); ``attention_mask``, ``rotary_pos_emb`` and the KV cache are then
+        those of the same rows, as in :meth:`run_loops`."""
+        hidden = self.run_shared_layers(hidden, attention_mask, rotary_pos_emb,
+                                        inference_context)
+        return self.finish_loop(hidden, loop, readout_transform)
 
     @staticmethod
     def finish_loop(readout: torch.Tensor, loop: int,
@@ -229,6 +246,17 @@ class LoopGPTModel(LanguageModule):
                 gate.transpose(0, 1)).transpose(0, 1)
         return gate
 
+    def key_value_projection(self, readout: torch.Tensor, rotary_pos_emb: torch.Tensor
+                             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per shared layer, the (key, value) [s, b, groups/TP, head_dim] that layer computes
+        from ``readout`` [s, b, h] as its input: input norm, the K/V rows of the QKV projection
+        and RoPE of ``rotary_pos_emb`` (the table rows of the positions) on the key. Q,
+        attention and MLP are skipped. Adaptive exit's ``propagate`` fill: a token that stopped
+        after loop r gets, in every deeper loop, the keys/values of its loop-r readout (CALM's
+        state propagation; exact for loop r+1's first layer, whose input that readout is)."""
+        return [key_value_of_layer(layer, readout, rotary_pos_emb)
+                for layer in self.decoder.layers]
+
     def loop_output(self, readouts: Sequence[torch.Tensor], logit_loops: list[int],
                     compute_logits: bool = True) -> LoopOutput:
         """``LoopOutput`` of every loop's readout [s(/TP), b, h]: exit-gate logits of all of
@@ -259,6 +287,37 @@ class LoopGPTModel(LanguageModule):
             inference_context_for=None if inference_contexts is None
             else inference_contexts.__getitem__, readout_transform=readout_transform))
         return self.loop_output(readouts, logit_loops, compute_logits)
+
+
+def key_value_of_layer(layer, hidden: torch.Tensor, rotary_pos_emb: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key after RoPE, value) of one megatron TransformerLayer for input ``hidden`` [s, b, h],
+    as its self-attention computes them."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    attention = layer.self_attention
+    fused_norm = isinstance(layer.input_layernorm, IdentityOp)  # TE: norm inside linear_qkv
+    groups = attention.num_query_groups_per_partition
+    if fused_norm or attention.config.num_query_groups < attention.world_size:
+        # megatron's own split (it also projects the queries): the fused-norm (TE) and
+        # groups < TP layouts, whose K/V rows are not a plain slice of this rank's weight.
+        _, key, value = attention.get_query_key_value_tensors(layer.input_layernorm(hidden))[:3]
+    else:
+        # linear_qkv's rows are [q heads of group g, k of g, v of g] per local group g.
+        head_dim = attention.hidden_size_per_attention_head
+        per_group = attention.num_attention_heads_per_partition // groups + 2
+        weight = attention.linear_qkv.weight.view(groups, per_group, head_dim, -1)[:, -2:]
+        bias = attention.linear_qkv.bias
+        if bias is not None:
+            bias = bias.view(groups, per_group, head_dim)[:, -2:].reshape(-1)
+        key_value = torch.nn.functional.linear(layer.input_layernorm(hidden),
+                                               weight.reshape(-1, weight.shape[-1]), bias)
+        key, value = key_value.view(*hidden.shape[:2], groups, 2, head_dim).unbind(3)
+    key = apply_rotary_pos_emb(key.contiguous(), rotary_pos_emb, config=attention.config,
+                               mscale=getattr(attention, "_yarn_concentration_factor", 1.0),
+                               cp_group=attention.pg_collection.cp)
+    return key, value.contiguous()
 
 
 def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:

@@ -229,6 +229,13 @@ class _StageRun:
         # and after the previous stage got the gradient this stage sent for loop + 1.
         self.channel.release((loop, index))
         self.channel.release(("grad", loop + 1, index))
+        if not chunk.output.requires_grad:
+            # Frozen layers (Stage II trains the exit gate alone) build no graph: the readouts
+            # carried the loss's gradient to the gate, and nothing upstream wants one.
+            if not (self.first and self.last):
+                raise RuntimeError("a stage whose layers are all frozen cannot pass gradients "
+                                   "to another pipeline stage")
+            return
         if grad is None:
             grad = torch.zeros_like(chunk.output)
         torch.autograd.backward(chunk.output, grad_tensors=grad)
