@@ -108,6 +108,14 @@ def check_tp2_refit_copy_matches_trainer_forward():
     torch.testing.assert_close(torch.tensor(result.logprobs), expected, atol=1e-5, rtol=0)
 
 
+def check_pipeline_parallel_is_refused():
+    from nemo_loop.generation import NativeLoopEngine
+
+    model = _build(ParallelConfig(pipeline_parallel=2))
+    with pytest.raises(NotImplementedError, match="pipeline parallel"):
+        NativeLoopEngine(model)
+
+
 def check_tp2_lm_eval_adapter_equals_tp1():
     """Log-likelihoods (vocab-parallel, never gathered), is_greedy flags and greedy
     generations of the lm-eval adapter: the same under TP=2 as under TP=1."""
@@ -158,14 +166,6 @@ def _build_model_of(config, layout):
 
     return build_loop_model(config.transformer_config(layout.tensor_parallel,
                                                       layout.pipeline_parallel))
-
-
-def check_pipeline_parallel_is_refused():
-    from nemo_loop.generation import NativeLoopEngine
-
-    model = _build(ParallelConfig(pipeline_parallel=2))
-    with pytest.raises(NotImplementedError, match="pipeline parallel"):
-        NativeLoopEngine(model)
 
 
 CHECKS = [name for name in dir() if name.startswith("check_")]
