@@ -12,7 +12,6 @@ no such section, asking for one is an error naming the issue (:func:`check_exit_
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 
 from nemo_loop.generation.backend import GenerationConfig
@@ -137,7 +136,7 @@ class LMEvalConfig:
     output_dir: str = "runs/lm_eval"
 
     def validate(self) -> None:
-        self.model_args.validate()
+        self._validate_exit_thresholds()  # and model_args, at every threshold
         self.wandb.validate()
         if self.model_args.num_loops is not None:
             raise ValueError("model_args.num_loops is set, but this recipe sweeps loop_budgets; "
@@ -150,7 +149,6 @@ class LMEvalConfig:
                 len(set(self.loop_budgets)) != len(self.loop_budgets):
             raise ValueError(f"loop_budgets must be distinct integers >= 1 (and at most the "
                              f"model's R), got {self.loop_budgets}")
-        self._validate_exit_thresholds()
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
@@ -160,15 +158,26 @@ class LMEvalConfig:
         self._validate_shell_game_tasks()
 
     def _validate_exit_thresholds(self) -> None:
+        """Without thresholds, model_args as they are; with them, the exit policy is swept, so
+        it must take a threshold, its own must be unset, and each swept one must be valid."""
         if not self.exit_thresholds:
+            self.model_args.validate()
             return
         check_exit_available("exit_thresholds")
-        if any(not math.isfinite(t) and t != math.inf for t in self.exit_thresholds) or \
-                len(set(self.exit_thresholds)) != len(self.exit_thresholds):
-            raise ValueError(f"exit_thresholds must be distinct numbers, got "
-                             f"{self.exit_thresholds}")
-        for threshold in self.exit_thresholds:  # each one checked by the exit section itself
-            with_exit_threshold(self.model_args.generation, threshold).validate()
+        generation = self.model_args.generation
+        if generation.exit.policy in ("static", "oracle"):
+            raise ValueError(f"exit_thresholds is set but generation.exit.policy is "
+                             f"{generation.exit.policy!r}: thresholds sweep q_exit, confidence "
+                             f"or hidden_delta")
+        if generation.exit.threshold is not None:
+            raise ValueError(f"set either generation.exit.threshold "
+                             f"({generation.exit.threshold}) or exit_thresholds "
+                             f"({self.exit_thresholds}), not both")
+        if len(set(self.exit_thresholds)) != len(self.exit_thresholds):
+            raise ValueError(f"exit_thresholds must be distinct, got {self.exit_thresholds}")
+        for threshold in self.exit_thresholds:
+            replace(self.model_args,
+                    generation=with_exit_threshold(generation, threshold)).validate()
 
     def _validate_shell_game_tasks(self) -> None:
         local = self.shell_game_tasks

@@ -256,7 +256,7 @@ def plot_accuracy_vs_loops(path: Path, results: dict) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    for task, entries in results["tasks"].items():
+    for index, (task, entries) in enumerate(results["tasks"].items()):
         metric = entries[0]["primary_metric"]
         if metric is None:
             continue
@@ -266,8 +266,9 @@ def plot_accuracy_vs_loops(path: Path, results: dict) -> Path:
         exits = [(x, y) for x, y, t in points if t is not None and y is not None]
         colour = axes.plot([], [])[0].get_color()  # the next colour of the cycle
         name = f"{task} ({metric.split(',')[0]})"
-        if static:
-            axes.plot(*zip(*static), marker="o", color=colour, label=name)
+        if static:  # markers and dashes tell apart tasks whose curves coincide
+            axes.plot(*zip(*static), marker="osD^v"[index % 5], color=colour, label=name,
+                      linestyle=("-", "--", ":")[index % 3], markersize=7 - index % 3)
         if exits:
             axes.scatter(*zip(*exits), marker="x", color=colour, label=f"{name}, exit policy")
     axes.set_xlabel("mean loops per token (static: loop budget R̃)")

@@ -202,6 +202,37 @@ def test_greedy_generate_until_is_the_native_engines_output(untrained):
         assert cut == [t.split(stop)[0] for t in texts] and cut != texts
 
 
+def test_exit_policy_reaches_the_engine(untrained):
+    """Issue 25: generation.exit rides on SamplingParams; each token counts at its exit loop."""
+    from dataclasses import replace
+
+    from nemo_loop.evaluation.lm_eval_config import LMEvalModelArgs, has_exit_policies
+    from nemo_loop.generation import NativeLoopEngine, SamplingParams
+
+    if not has_exit_policies():
+        pytest.skip("needs issue 25's generation.exit")
+    from nemo_loop.generation.exit import ExitConfig
+
+    contexts = [g.text for g in _games(4)] + ["0-1 0-2", "ball 1 | 1-2 = 2 ball"]
+    requests = [_request("generate_until", c, {"max_gen_toks": 5}) for c in contexts]
+    args = LMEvalModelArgs(checkpoint="(in memory)", num_loops=4, batch_size=4)
+    engine = NativeLoopEngine(untrained.model)
+    for threshold in (0.0, 0.2, float("inf")):  # exit at loop 1 / sometimes / never
+        exit_config = ExitConfig("confidence", threshold)
+        lm = _adapter(untrained, args, generation=replace(args.generation, exit=exit_config))
+        reference = engine.generate(
+            [untrained.prompter.encode_text(c) for c in contexts], 4, SamplingParams(
+                temperature=0, max_new_tokens=5, stop_token_ids=untrained.prompter.stop_token_ids,
+                exit=exit_config))
+        assert lm.generate_until(requests) == [untrained.prompter.decode(r.token_ids)
+                                               for r in reference]
+        loops = [loop for r in reference for loop in r.exit_loops]
+        assert lm.mean_loops()["probe"]["mean_loops"] == pytest.approx(sum(loops) / len(loops))
+        assert (sum(loops) / len(loops) == 1.0) == (threshold == 0.0)
+        with pytest.raises(NotImplementedError, match="log-likelihoods under an exit policy"):
+            lm.loglikelihood([_request("loglikelihood", contexts[0], " 1")])
+
+
 def test_unsupported_generation_kwargs_are_named(loaded, adapter_args):
     lm = _adapter(loaded, adapter_args, num_loops=1)
     with pytest.raises(ValueError, match=r"task 'probe': generation_kwargs \['num_beams'\]"):

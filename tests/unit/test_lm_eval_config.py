@@ -87,6 +87,20 @@ def test_exit_thresholds_need_issue_25():
         _sweep_config("exit_thresholds=[0.5]")
 
 
+@pytest.mark.skipif(not has_exit_policies(), reason="needs issue 25's generation.exit")
+def test_exit_threshold_sweeps_are_checked():
+    config = _sweep_config("model_args.generation.exit.policy=confidence",
+                           "exit_thresholds=[0.3,.inf]", "loop_budgets=[4]")
+    assert config.sweep_points(max_loops=4) == [(4, 0.3), (4, float("inf"))]
+    for overrides, message in [
+            (["exit_thresholds=[0.5]"], "policy is 'static'"),
+            (["model_args.generation.exit.policy=confidence",
+              "model_args.generation.exit.threshold=0.5", "exit_thresholds=[0.4]"], "not both"),
+            (["model_args.generation.exit.policy=q_exit", "exit_thresholds=[2.0]"], "q_exit")]:
+        with pytest.raises(ValueError, match=message):
+            _sweep_config(*overrides)
+
+
 # ----- bad input before any model is built -----
 
 def _checkpoint_dir(path: Path, num_loops: int | None) -> Path:
