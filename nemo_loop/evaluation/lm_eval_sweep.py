@@ -43,11 +43,12 @@ def run_sweep(config: LMEvalConfig) -> dict:
     include_paths = list(config.include_paths) + _shell_game_tasks(config, output_dir)
     prepared = prepare_model(config.model_args, config.loop_budgets)
     manager, tasks = load_tasks(config.tasks, include_paths)
-    _check_exit_applies(config, output_types(tasks))
+    points = config.sweep_points(prepared.max_loops)
+    _check_exit_applies(config, output_types(tasks), [loops for loops, _ in points])
     loaded = build_model(prepared, config.model_args)
     logger = MetricsLogger(config.wandb, config, output_dir, _format_point)
     evaluations, samples = [], []
-    for index, (loops, threshold) in enumerate(config.sweep_points(prepared.max_loops)):
+    for index, (loops, threshold) in enumerate(points):
         evaluation, point_samples = evaluate_point(config, loaded, manager, tasks, loops,
                                                    threshold)
         evaluations.append(evaluation)
@@ -91,10 +92,13 @@ def _shell_game_tasks(config: LMEvalConfig, output_dir: Path) -> list[str]:
     return [str(directory.resolve())]
 
 
-def _check_exit_applies(config: LMEvalConfig, types: dict[str, str]) -> None:
-    """Exit policies act on generation; log-likelihood tasks would be scored without them."""
+def _check_exit_applies(config: LMEvalConfig, types: dict[str, str], budgets: list[int]
+                        ) -> None:
+    """Exit policies act on generation (log-likelihood tasks would be scored without them),
+    and ``min_loops`` must fit every budget."""
     if exit_policy(config.model_args.generation) == "static":
         return
+    config.model_args.generation.exit.check_loops(min(budgets))
     scored = sorted(name for name, kind in types.items() if kind != "generate_until")
     if scored:
         raise ValueError(f"generation.exit.policy={exit_policy(config.model_args.generation)} "

@@ -152,6 +152,29 @@ def test_sweep_rejects_bad_input_before_building_a_model(tmp_path, no_model_buil
             run_sweep(config)
 
 
+@pytest.mark.skipif(not has_exit_policies(), reason="needs issue 25's generation.exit")
+def test_exit_policy_misuse_is_rejected_before_building_a_model(tmp_path, no_model_building):
+    from nemo_loop.evaluation.lm_eval_sweep import run_sweep
+    from nemo_loop.evaluation.lm_eval_tasks import write_shell_game_tasks
+    from nemo_loop.tasks.shell_game import ShellGameConfig
+
+    tasks = write_shell_game_tasks(tmp_path / "tasks", ShellGameConfig(), "test", 8)
+    checkpoint = _checkpoint_dir(tmp_path / "good", num_loops=4)
+    exit_policy = ["model_args.generation.exit.policy=confidence", "exit_thresholds=[0.3]"]
+    for overrides, message in [
+            (["tasks=[shell_game_gen,shell_game_mc]"],
+             r"applies to generation tasks only; \['shell_game_mc'\]"),
+            (["tasks=[shell_game_gen]", "model_args.generation.exit.min_loops=2",
+              "loop_budgets=[1,4]"], "min_loops=2 exceeds the loop budget"),
+    ]:
+        config = load_config(LMEvalConfig, CONF_DIR / "lm_eval.yaml", [
+            f"model_args.checkpoint={checkpoint}", "model_args.task.name=shell_game",
+            f"include_paths=[{tasks}]", *exit_policy, *overrides,
+            f"output_dir={tmp_path / 'out'}"])
+        with pytest.raises(ValueError, match=message):
+            run_sweep(config)
+
+
 def test_unknown_task_is_named(tmp_path):
     pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
