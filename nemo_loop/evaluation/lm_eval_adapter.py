@@ -215,6 +215,12 @@ class NemoLoopLM(TemplateLM):
                                         max_batch_size=self.args.batch_size)
         return self._engine
 
+    def close(self) -> None:
+        """Release the generation engine (vLLM: its KV cache and workers)."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
     def _sampling(self, gen_kwargs: dict, task_name: str | None
                   ) -> tuple[SamplingParams, list[str]]:
         unknown = sorted(set(gen_kwargs) - set(GENERATION_KWARGS)

@@ -40,8 +40,8 @@ def run_sweep(config: LMEvalConfig) -> dict:
     # lm-eval's INFO lines repeat at every sweep point; one progress line per point replaces them.
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     output_dir = Path(config.output_dir)
-    include_paths = list(config.include_paths) + _shell_game_tasks(config, output_dir)
     prepared = prepare_model(config.model_args, config.loop_budgets)
+    include_paths = list(config.include_paths) + _shell_game_tasks(config, output_dir)
     manager, tasks = load_tasks(config.tasks, include_paths)
     points = config.sweep_points(prepared.max_loops)
     _check_exit_applies(config, output_types(tasks), [loops for loops, _ in points])
@@ -125,13 +125,14 @@ def evaluate_point(config: LMEvalConfig, loaded, manager, tasks: list, loops: in
         torch_random_seed=config.model_args.seed,
         fewshot_random_seed=config.model_args.seed)
     seconds = time.perf_counter() - started
+    lm.close()
     if output is None:  # not the rank that holds results
         return {}, []
     counts = lm.mean_loops()
     point = {"num_loops": loops, "exit_threshold": threshold, "seconds": seconds, "tasks": {}}
     for name, entry in output["results"].items():
         metrics, stderrs = split_metrics(entry)
-        leaves = output.get("group_subtasks", {}).get(name) or [name]
+        leaves = _leaf_tasks(name, output.get("group_subtasks", {}))
         tokens = sum(counts.get(leaf, {}).get("tokens", 0) for leaf in leaves)
         loop_sum = sum(counts[leaf]["tokens"] * counts[leaf]["mean_loops"]
                        for leaf in leaves if counts.get(leaf, {}).get("tokens"))
@@ -143,6 +144,13 @@ def evaluate_point(config: LMEvalConfig, loaded, manager, tasks: list, loops: in
     return point, [_sample_record(name, loops, threshold, sample)
                    for name, task_samples in (output.get("samples") or {}).items()
                    for sample in task_samples]
+
+
+def _leaf_tasks(name: str, subtasks: dict[str, list[str]]) -> list[str]:
+    """The tasks under a group (recursively through subgroups); a task is its own leaf."""
+    children = subtasks.get(name)
+    return [leaf for child in children for leaf in _leaf_tasks(child, subtasks)] \
+        if children else [name]
 
 
 def split_metrics(entry: dict) -> tuple[dict, dict]:
