@@ -93,15 +93,35 @@ class ChatTokenizer:
 
     def prompt_text(self, problem: str, context: str | None = None) -> str:
         """As the tokenizer's ``chat_template`` renders it with ``add_generation_prompt``."""
-        user = self.user_message(problem, context)
+        return self.render_chat([{"role": "user", "content": self.user_message(problem, context)}])
+
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        """A chat history (``{"role", "content"}`` dicts) in this template, verbatim: no
+        instruction suffix is added (lm-eval tasks word their own instructions).
+
+        chatml: the configured system turn first unless the history starts with one, every turn
+        framed by ``<|im_start|>role`` … ``<|im_end|>``, then the assistant's opening; with
+        ``add_generation_prompt=False`` the last turn is left open for the model to continue.
+        plain: each message's text on its own line (the last one's newline omitted when it is
+        left open)."""
         if self.config.template == "plain":
-            return user + "\n"
-        system = "" if self.config.system_prompt is None else \
-            f"{IM_START}system\n{self.config.system_prompt}{IM_END}\n"
-        return f"{system}{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+            text = "".join(message["content"] + "\n" for message in messages)
+            return text if add_generation_prompt else text.removesuffix("\n")
+        if (not messages or messages[0]["role"] != "system") and \
+                self.config.system_prompt is not None:
+            messages = [{"role": "system", "content": self.config.system_prompt}, *messages]
+        turns = [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
+        if add_generation_prompt:
+            return "".join(turns) + f"{IM_START}assistant\n"
+        return "".join(turns).removesuffix(f"{IM_END}\n")
 
     def encode_prompt(self, problem: str, context: str | None = None) -> list[int]:
         return self._encode(self.prompt_text(problem, context), "prompt")
+
+    def encode_text(self, text: str) -> list[int]:
+        """Any text, as it stands (special tokens written in it are recognised)."""
+        return self._encode(text, "text")
 
     def encode_response(self, text: str) -> list[int]:
         """A reference response as the model should write it after the prompt (supervised

@@ -110,3 +110,27 @@ def token_logprobs(hidden: torch.Tensor, output_weight: torch.Tensor, token_ids:
     logp, entropy = _TokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), output_weight,
                                          ids, shard, chunk_size)
     return logp.view(token_ids.shape), entropy.view(token_ids.shape)
+
+
+@torch.no_grad()
+def token_is_argmax(hidden: torch.Tensor, output_weight: torch.Tensor, token_ids: torch.Tensor,
+                    tp_group: dist.ProcessGroup | None = None, chunk_size: int | None = 1024
+                    ) -> torch.Tensor:
+    """Whether each of ``token_ids`` is the argmax of its logits (greedy decoding would pick it;
+    a tie counts as picked), shaped like ``token_ids``; same inputs as :func:`token_logprobs`.
+
+    Per token only two scalars cross the tensor-parallel group: the shard maxima (MAX) and the
+    target logit, which only its owner contributes (SUM).
+    """
+    shard = VocabShard.from_group(tp_group, output_weight.shape[0])
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    ids = token_ids.reshape(-1).long()
+    result = torch.empty(ids.shape, dtype=torch.bool, device=hidden.device)
+    for rows in _chunks(ids.shape[0], chunk_size):
+        z = (flat_hidden[rows] @ output_weight.t()).float()
+        is_owned, local = shard.owned(ids[rows])
+        maximum = shard.all_reduce(z.amax(-1), op=dist.ReduceOp.MAX)
+        target = shard.all_reduce(torch.where(is_owned, z.gather(-1, local[:, None]).squeeze(-1),
+                                              torch.zeros((), device=z.device)))
+        result[rows] = target >= maximum
+    return result.view(token_ids.shape)

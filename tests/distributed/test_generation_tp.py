@@ -166,6 +166,58 @@ def check_pipeline_parallel_is_refused():
         NativeLoopEngine(model)
 
 
+def check_tp2_lm_eval_adapter_equals_tp1():
+    """Log-likelihoods (vocab-parallel, never gathered), is_greedy flags and greedy
+    generations of the lm-eval adapter: the same under TP=2 as under TP=1."""
+    from dataclasses import replace
+
+    from lm_eval.api.instance import Instance
+
+    from nemo_loop.evaluation.lm_eval_adapter import NemoLoopLM
+    from nemo_loop.evaluation.lm_eval_config import LMEvalModelArgs
+    from nemo_loop.evaluation.lm_eval_model import LoadedModel
+    from nemo_loop.tasks.shell_game import ShellGameConfig, ShellGameTask
+
+    prompter = ShellGameTask(ShellGameConfig()).tokenizer()  # 14 words
+    words = replace(TINY, vocab_size=16)
+    contexts = ["ball 1 | 0-1 1-2 =", "0-2 0-1", "ball 2 | 1-2 0-2 0-1 0-2 1-2 ="]
+    requests = {
+        "loglikelihood": [Instance("loglikelihood", {}, (c, f" {cup} 0-1"), 0, ("t", 0, 1))
+                          for c in contexts for cup in "012"],
+        "loglikelihood_rolling": [Instance("loglikelihood_rolling", {}, (" ".join(contexts),),
+                                           0, ("t", 0, 1))],
+        "generate_until": [Instance("generate_until", {}, (c, {"max_gen_toks": 5}), 0,
+                                    ("t", 0, 1)) for c in contexts]}
+
+    def evaluate(layout):
+        initialize_model_parallel(layout)
+        torch.manual_seed(WEIGHT_SEED)
+        model = _build_model_of(words, layout).eval()
+        args = LMEvalModelArgs(checkpoint="(in memory)", num_loops=3, batch_size=2,
+                               max_length=12, tensor_parallel=layout.tensor_parallel)
+        lm = NemoLoopLM(LoadedModel(model, prompter, checkpoint={}), args)
+        return {kind: getattr(lm, kind)(batch) for kind, batch in requests.items()}
+
+    tp2 = evaluate(ParallelConfig(tensor_parallel=2))
+    parallel_state.destroy_model_parallel()
+    tp1 = evaluate(ParallelConfig(tensor_parallel=1))
+    torch.testing.assert_close(torch.tensor([p for p, _ in tp2["loglikelihood"]]),
+                               torch.tensor([p for p, _ in tp1["loglikelihood"]]),
+                               atol=1e-5, rtol=0)
+    assert [g for _, g in tp2["loglikelihood"]] == [g for _, g in tp1["loglikelihood"]]
+    torch.testing.assert_close(torch.tensor(tp2["loglikelihood_rolling"]),
+                               torch.tensor(tp1["loglikelihood_rolling"]), atol=1e-5, rtol=0)
+    assert tp2["generate_until"] == tp1["generate_until"]
+    assert max(len(text.split()) for text in tp1["generate_until"]) > 1
+
+
+def _build_model_of(config, layout):
+    from nemo_loop.models.looplm.model import build_loop_model
+
+    return build_loop_model(config.transformer_config(layout.tensor_parallel,
+                                                      layout.pipeline_parallel))
+
+
 CHECKS = [name for name in dir() if name.startswith("check_")]
 
 

@@ -15,7 +15,7 @@ from nemo_loop.losses.policy_gradient import (
     rltt_loop_weights,
     rltt_loss,
 )
-from nemo_loop.losses.token_logprobs import token_logprobs
+from nemo_loop.losses.token_logprobs import token_is_argmax, token_logprobs
 
 
 def test_group_advantages_by_hand():
@@ -113,6 +113,16 @@ def test_token_logprobs_match_log_softmax_values_and_gradients():
     torch.testing.assert_close(got[1], weight.grad)
     with pytest.raises(ValueError, match="token_ids must lie in"):
         token_logprobs(hidden, weight, ids + 11)
+
+
+def test_token_is_argmax_matches_the_argmax_of_the_logits():
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(6, 4, 8), torch.randn(11, 8)
+    argmax = (hidden @ weight.t()).argmax(-1)
+    others = (argmax + torch.randint(1, 11, argmax.shape)) % 11  # never the argmax
+    ids = torch.where(torch.rand(argmax.shape) < 0.5, argmax, others)
+    assert 0 < int((ids == argmax).sum()) < ids.numel()
+    assert torch.equal(token_is_argmax(hidden, weight, ids, chunk_size=5), ids == argmax)
 
 
 def _exit_probs_by_hand(gates: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,26 @@ def test_chatml_prompt_is_the_tokenizers_chat_template(tokenizer_dir):
     assert chat.stop_token_ids == [0, 2] and chat.pad_id == 0  # <|endoftext|>, <|im_end|>
 
 
+def test_chat_history_renders_like_the_tokenizers_chat_template(tokenizer_dir):
+    """lm-eval's few-shot chat histories (several turns, a system turn of its own or none)."""
+    jinja2 = pytest.importorskip("jinja2")
+    template = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"]
+    chat = ChatTokenizer.from_file(ChatConfig(tokenizer_path=str(tokenizer_dir)))
+    turns = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+             {"role": "user", "content": "2+2?"}]
+    for history in (turns, [{"role": "system", "content": "Answer tersely."}, *turns]):
+        expected = jinja2.Template(template).render(messages=history, add_generation_prompt=True)
+        assert chat.render_chat(history) == expected
+    # Left open for the model to continue (lm-eval's continue_final_message).
+    opened = chat.render_chat([*turns, {"role": "assistant", "content": "The answer is"}],
+                              add_generation_prompt=False)
+    assert opened.endswith("<|im_start|>assistant\nThe answer is")
+    plain = ChatTokenizer.from_file(ChatConfig(tokenizer_path=str(tokenizer_dir),
+                                               template="plain"))
+    assert plain.render_chat(turns) == "1+1?\n2\n2+2?\n"
+    assert plain.render_chat(turns, add_generation_prompt=False) == "1+1?\n2\n2+2?"
+
+
 def test_teacher_prompt_differs_from_student_only_by_the_context(tokenizer_dir):
     chat = ChatTokenizer.from_file(ChatConfig(), data_root=tokenizer_dir.parents[1])
     student = chat.prompt_text("2+2?")
