@@ -24,14 +24,13 @@ The three kinds of request, with lm-eval's HF-model semantics (``lm_eval.models.
   truncated from the left to leave ``max_gen_toks`` of room.
 
 Every scored or generated token's loop is counted per task (``loop_counts``): R̃ for each token
-at a static budget; with an exit policy (issue 25) the loop the token exited at.
+at a static budget; with an exit policy (``generation.exit``) the loop the token exited at.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import replace
 
 import lm_eval.models  # noqa: F401  lm-eval's own models, registered before ours
 from lm_eval.api.model import TemplateLM
@@ -43,7 +42,7 @@ from lm_eval.models.utils import (
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from nemo_loop.evaluation.lm_eval_config import LMEvalModelArgs, exit_policy, has_exit_policies
+from nemo_loop.evaluation.lm_eval_config import LMEvalModelArgs, exit_policy
 from nemo_loop.evaluation.lm_eval_model import (
     LoadedModel,
     build_model,
@@ -236,9 +235,8 @@ class NemoLoopLM(TemplateLM):
             temperature=float(kwargs.get("temperature", 1.0)) if kwargs["do_sample"] else 0.0,
             top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0),
             max_new_tokens=int(kwargs["max_gen_toks"]),
-            stop_token_ids=self.prompter.stop_token_ids, seed=self.args.seed)
-        if has_exit_policies():  # issue 25: the exit policy rides on the sampling parameters
-            sampling = replace(sampling, exit=self.args.generation.exit)
+            stop_token_ids=self.prompter.stop_token_ids, seed=self.args.seed,
+            exit=self.args.generation.exit)
         return sampling, until
 
     def _count(self, task_name: str | None, loops: list[int]) -> None:
@@ -248,6 +246,5 @@ class NemoLoopLM(TemplateLM):
 
 
 def token_loops(result) -> list[int]:
-    """The loop each generated token was read out at: the engine's record under an exit policy
-    (issue 25's ``exit_loops``), else R̃ for every token."""
-    return list(getattr(result, "exit_loops", None) or [result.num_loops] * result.length)
+    """The loop each generated token was read out at (``GenerationResult.exit_loops``)."""
+    return list(result.exit_loops)

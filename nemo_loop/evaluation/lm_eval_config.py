@@ -6,44 +6,29 @@ The adapter's ``model_args`` are this project's config fields, so lm-eval's
 
     checkpoint=runs/pretrain,num_loops=2,task.name=shell_game,generation.backend=native
 
-Exit policies (issue 25) live in ``generation.exit``; while the installed generation engine has
-no such section, asking for one is an error naming the issue (:func:`check_exit_available`).
+An exit policy lives in ``generation.exit`` (:mod:`nemo_loop.generation.exit`), as in every
+recipe that generates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 from nemo_loop.generation.backend import GenerationConfig
 from nemo_loop.tasks import TaskConfig, build_task
 from nemo_loop.tasks.shell_game import SPLITS
 from nemo_loop.utils.logging import WandbConfig
 
-EXIT_NEEDS_ISSUE_25 = ("exit policies need issue 25's engine (a generation.exit section in "
-                       "nemo_loop.generation.backend.GenerationConfig), which this installation "
-                       "lacks; evaluate at static loop budgets (num_loops / loop_budgets)")
 # What lm-eval itself adds to model_args; the adapter has no use for them (see from_kwargs).
 LM_EVAL_EXTRAS = ("batch_size", "max_batch_size", "device")
 
 
-def has_exit_policies() -> bool:
-    return "exit" in {f.name for f in fields(GenerationConfig)}
-
-
-def check_exit_available(what: str) -> None:
-    if not has_exit_policies():
-        raise ValueError(f"{what}: {EXIT_NEEDS_ISSUE_25}")
-
-
 def exit_policy(generation: GenerationConfig) -> str:
-    """The policy ``generation.exit`` picks ("static" where the engine has no exit section)."""
-    section = getattr(generation, "exit", None)
-    return "static" if section is None else section.policy
+    return generation.exit.policy
 
 
 def with_exit_threshold(generation: GenerationConfig, threshold: float) -> GenerationConfig:
     """``generation`` with ``exit.threshold`` set (one point of an exit-threshold sweep)."""
-    check_exit_available("exit_thresholds")
     return replace(generation, exit=replace(generation.exit, threshold=threshold))
 
 
@@ -64,7 +49,7 @@ class LMEvalModelArgs:
     max_length: int | None = None  # context window in tokens (null: model.max_sequence_length)
     max_gen_toks: int = 256  # for generation tasks whose generation_kwargs name no limit
     seed: int = 1234  # the sampling stream of tasks that sample (do_sample: true)
-    # Which engine generates (native | vllm) and, with issue 25, the exit policy.
+    # Which engine generates (native | vllm) and its exit policy (generation.exit).
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # Used when the adapter sets up model parallelism itself (world size = tensor_parallel);
     # an already initialised layout must match it.
@@ -84,8 +69,6 @@ class LMEvalModelArgs:
         kwargs.pop("device", None)
         if str(kwargs.get("batch_size", "")).startswith("auto"):
             raise ValueError("nemo_loop model: batch_size must be an integer, not 'auto'")
-        if any(key.startswith("generation.exit") for key in kwargs):
-            check_exit_available(next(k for k in kwargs if k.startswith("generation.exit")))
         overrides = [f"{key}={'null' if value is None else value}"
                      for key, value in kwargs.items()]
         return load_config(cls, None, overrides)
@@ -125,7 +108,7 @@ class LMEvalConfig:
     include_paths: list[str] = field(default_factory=list)  # folders of local YAML tasks
     shell_game_tasks: ShellGameTasksConfig = field(default_factory=ShellGameTasksConfig)
     loop_budgets: list[int] = field(default_factory=list)  # empty: 1..R
-    # One evaluation per threshold of generation.exit's policy at every budget (issue 25).
+    # One evaluation per threshold of generation.exit's policy at every budget.
     exit_thresholds: list[float] = field(default_factory=list)
     num_fewshot: int | None = None  # null: each task's own default
     limit: int | None = None  # first N documents of every task (null: all)
@@ -163,7 +146,6 @@ class LMEvalConfig:
         if not self.exit_thresholds:
             self.model_args.validate()
             return
-        check_exit_available("exit_thresholds")
         generation = self.model_args.generation
         if generation.exit.policy in ("static", "oracle"):
             raise ValueError(f"exit_thresholds is set but generation.exit.policy is "

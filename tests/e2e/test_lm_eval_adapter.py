@@ -203,14 +203,11 @@ def test_greedy_generate_until_is_the_native_engines_output(untrained):
 
 
 def test_exit_policy_reaches_the_engine(untrained):
-    """Issue 25: generation.exit rides on SamplingParams; each token counts at its exit loop."""
+    """generation.exit rides on SamplingParams; each token counts at its exit loop."""
     from dataclasses import replace
 
-    from nemo_loop.evaluation.lm_eval_config import LMEvalModelArgs, has_exit_policies
+    from nemo_loop.evaluation.lm_eval_config import LMEvalModelArgs
     from nemo_loop.generation import NativeLoopEngine, SamplingParams
-
-    if not has_exit_policies():
-        pytest.skip("needs issue 25's generation.exit")
     from nemo_loop.generation.exit import ExitConfig
 
     contexts = [g.text for g in _games(4)] + ["0-1 0-2", "ball 1 | 1-2 = 2 ball"]

@@ -12,7 +12,6 @@ from nemo_loop.config import CONF_DIR, load_config
 from nemo_loop.evaluation.lm_eval_config import (
     LMEvalConfig,
     LMEvalModelArgs,
-    has_exit_policies,
 )
 from nemo_loop.models.looplm.config import LoopModelConfig, write_model_config
 
@@ -42,15 +41,10 @@ def test_bad_model_args_are_named(kwargs, message):
         LMEvalModelArgs.from_kwargs(kwargs)
 
 
-def test_exit_policy_args_need_issue_25_or_reach_generation_exit():
+def test_exit_policy_args_reach_generation_exit():
     kwargs = {"checkpoint": "x", "generation.exit.policy": "q_exit",
               "generation.exit.threshold": 0.9}
-    if has_exit_policies():
-        assert LMEvalModelArgs.from_kwargs(kwargs).generation.exit.policy == "q_exit"
-    else:
-        with pytest.raises(ValueError, match="generation.exit.policy: exit policies need "
-                                             "issue 25's engine"):
-            LMEvalModelArgs.from_kwargs(kwargs)
+    assert LMEvalModelArgs.from_kwargs(kwargs).generation.exit.policy == "q_exit"
 
 
 def _sweep_config(*overrides):
@@ -81,13 +75,6 @@ def test_bad_sweep_config_is_named(overrides, message):
         _sweep_config(*overrides)
 
 
-@pytest.mark.skipif(has_exit_policies(), reason="issue 25's engine is installed")
-def test_exit_thresholds_need_issue_25():
-    with pytest.raises(ValueError, match="exit_thresholds: exit policies need issue 25"):
-        _sweep_config("exit_thresholds=[0.5]")
-
-
-@pytest.mark.skipif(not has_exit_policies(), reason="needs issue 25's generation.exit")
 def test_exit_threshold_sweeps_are_checked():
     config = _sweep_config("model_args.generation.exit.policy=confidence",
                            "exit_thresholds=[0.3,.inf]", "loop_budgets=[4]")
@@ -152,7 +139,6 @@ def test_sweep_rejects_bad_input_before_building_a_model(tmp_path, no_model_buil
             run_sweep(config)
 
 
-@pytest.mark.skipif(not has_exit_policies(), reason="needs issue 25's generation.exit")
 def test_exit_policy_misuse_is_rejected_before_building_a_model(tmp_path, no_model_building):
     from nemo_loop.evaluation.lm_eval_sweep import run_sweep
     from nemo_loop.evaluation.lm_eval_tasks import write_shell_game_tasks
