@@ -88,13 +88,22 @@ def test_bad_configs_are_rejected():
         LoopModelConfig(num_layers=3).validate(pipeline_parallel=2)
 
 
-def test_unknown_layer_backend_is_rejected():
+def test_unknown_attention_backend_is_rejected():
     from nemo_loop.models.looplm.layer_specs import loop_layer_spec
 
-    with pytest.raises(ValueError, match="unknown layer backend"):
-        loop_layer_spec("sandwich", backend="cudnn")
+    with pytest.raises(ValueError, match="model.attention_backend must be one of"):
+        LoopModelConfig(attention_backend="cudnn").validate()
+    with pytest.raises(ValueError, match="unknown core attention"):
+        loop_layer_spec("sandwich", "cudnn")
     with pytest.raises(ValueError, match="unknown layer_spec"):
-        loop_layer_spec("bogus")
+        loop_layer_spec("bogus", "sdpa")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Transformer Engine may be usable here")
+def test_te_backend_without_transformer_engine_names_the_field():
+    with pytest.raises(RuntimeError, match="model.attention_backend 'te' needs Transformer Engine"):
+        LoopModelConfig(attention_backend="te").transformer_config()
+    assert LoopModelConfig().transformer_config().core_attention == "sdpa"  # auto
 
 
 def test_sandwich_layer_has_four_norms_and_prenorm_two(megatron_single_process):
