@@ -16,8 +16,9 @@ reference copy (EMA / frozen) — plus, per phase of the step, what that phase a
 * teacher: a no-grad forward (LLOPSD's teacher, the KL reference, LoopRPT's EMA teacher).
 
 The loss buffers: Ouro's loss and SFT's form full logits [loops, tokens, rows, V/TP] and keep a
-fp32 softmax of each loop; the backward adds the logits' gradient and a select-gradient of the
-same size: 2·e + 4 + 2·e bytes per logit at the peak. The fused heads (LLOPSD's distillation,
+fp32 softmax of each loop; the backward adds the logits' gradient (3·e + 4 bytes per logit at the
+peak, e the activation bytes) and the head's weight gradient before DDP adds it into its fp32
+buffer (V/TP·h·e; measured, tests/unit/test_memory_plan.py). The fused heads (LLOPSD's distillation,
 the policy losses' token log-probs, LoopRPT) hold ``chunk_size × V/TP`` fp32 temporaries (two
 per side, plus the gradient) and a fp32 gradient of the head's weight.
 
@@ -50,7 +51,7 @@ from nemo_loop.utils.flops import (
 
 GIB = 2 ** 30
 ROLLOUT_ALGORITHMS = ("llopsd", "grpo", "rltt", "oisd")
-LOGIT_LOSS_BYTES = lambda e: 2 * e + FP32 + 2 * e  # noqa: E731 - per logit, see module doc
+LOGIT_LOSS_BYTES = lambda e: 3 * e + FP32  # noqa: E731 - per logit, see module doc
 FUSED_HEAD_TEMPORARIES = {"llopsd": 6, "grpo": 3, "rltt": 3, "oisd": 3, "looprpt": 3}
 
 
@@ -242,9 +243,7 @@ def _training(config, stage: StageShape, workload: Workload, core_attention: str
         Component("activations", chunks * per_loop.per_loop,
                   f"{w.loops} loop(s) × {min(stage.pipeline_parallel, w.micro_batches)} "
                   f"micro-batch(es) in flight × {w.rows} row(s) × {w.seq:,} tokens; "
-                  f"{per_loop.note}"),
-        Component("backward working set", per_loop.working_set,
-                  "recomputed chunk / attention scores of one layer")]
+                  f"{per_loop.note}")]
     shared = attention_buffers(model, w.seq, w.rows, stage, core_attention, w.masked, e)
     masks = w.micro_batches * w.rows * w.seq * w.seq if w.masked else 0
     masks += w.micro_batches * w.rows * w.teacher_seq ** 2 if w.teacher_seq and w.masked else 0
@@ -254,8 +253,15 @@ def _training(config, stage: StageShape, workload: Workload, core_attention: str
                                     "bool masks of the step's micro-batches"
                                     + (f", {core_attention}'s shared per-micro-batch buffer"
                                        if shared else "")))
+    # The loss's buffers are gone when the layers' backward (and its recompute) starts.
+    loss = _loss_buffers(config, workload) if stage.last else Component("loss buffers", 0)
+    working = Component("backward working set", per_loop.working_set,
+                        "one recomputed chunk / one layer's attention scores")
+    first, second = sorted((loss, working), key=lambda c: c.bytes, reverse=True)
+    if first.bytes:
+        components.append(Component(first.name, first.bytes, first.detail + (
+            f"; then the {second.name}, {second.bytes / GIB:.2f} GiB" if second.bytes else "")))
     if stage.last:
-        components.append(_loss_buffers(config, workload))
         if w.teacher_readouts:
             readouts = (w.micro_batches * w.rows * w.loss_tokens * w.teacher_readouts
                         * model.hidden_size * e)
@@ -272,9 +278,11 @@ def _loss_buffers(config, workload: Workload) -> Component:
     vocab = model.vocab_size // tp
     if w.loss == "logits":
         logits = w.loss_loops * w.loss_tokens * w.rows * vocab
-        return Component("loss buffers", logits * LOGIT_LOSS_BYTES(e),
+        head_grad = vocab * model.hidden_size * e
+        return Component("loss buffers", logits * LOGIT_LOSS_BYTES(e) + head_grad,
                          f"{w.loss_loops} loop(s) of logits [{w.loss_tokens:,} × {w.rows} × "
-                         f"{vocab:,}]: logits, fp32 softmax, gradients")
+                         f"{vocab:,}]: logits, fp32 softmax, their gradient; the head's "
+                         f"weight gradient")
     chunk = getattr(config.loss, "chunk_size", None) if hasattr(config, "loss") else None
     chunk = min(chunk or 1024, w.loss_tokens * w.rows)
     count = FUSED_HEAD_TEMPORARIES[w.algorithm]
