@@ -144,9 +144,9 @@ class RopeOnceKVCache:
             keys[self.slot:end] = key
             values[self.slot:end] = value
             if self.slot > 0 and len(rest) > 0 and rest[0] is None:
-                # Decode without padding: the new tokens see the whole prefix. (megatron's local
-                # attention ignores the type; backends that honour it must not apply a
-                # top-left-aligned causal mask to sq < sk.)
+                # Decode without padding: the new tokens see the whole prefix. (megatron's
+                # DotProductAttention ignores the type; SDPAttention and TE honour it and must
+                # not apply a top-left-aligned causal mask to sq < sk.)
                 kwargs = {**kwargs, "attn_mask_type": AttnMaskType.no_mask}
             return (query, keys[:end], values[:end], *rest), kwargs
 
