@@ -69,8 +69,8 @@ FULL = Sizes(model="ouro_1p4b", seq=2048, timed_steps=3, loss_tokens=65_536, los
              limits_s=dict(parity=90, train_step=200, fused_loss=60, generation=120,
                            llopsd_step=150))
 SMOKE = Sizes(model="tiny", seq=64, timed_steps=1, loss_tokens=1024, loss_hidden=64,
-              loss_vocab=1024, gen_batch=4, gen_prompt=8, gen_new=4, llopsd_model="tiny_chat", llopsd_prompts=2,
-              llopsd_new=4, limits_s={part: 300 for part in PARTS})
+              loss_vocab=1024, gen_batch=4, gen_prompt=8, gen_new=4, llopsd_model="tiny_chat",
+              llopsd_prompts=2, llopsd_new=4, limits_s={part: 300 for part in PARTS})
 PARITY_MODEL = dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
                     num_query_groups=2, vocab_size=256, max_sequence_length=64, num_loops=4,
                     attention_backend="sdpa")

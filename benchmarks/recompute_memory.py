@@ -3,8 +3,9 @@ recompute, measured and as the memory plan predicts it (CPU).
 
 Run: ``python benchmarks/recompute_memory.py`` (a few minutes on an idle 2-core machine). Model:
 4 shared layers × R = 4, hidden 256, 4 heads, SwiGLU 704, vocabulary 1,024, fp32 (SDPA); one
-micro-batch of 2 prompt + response rows × 512 random tokens (padded masks); one step of ``train_step`` at R̃ loops (megatron
-DDP + distributed optimizer, the loop pipeline, Ouro's loss over the R̃ loops) for
+micro-batch of 2 prompt + response rows × 512 random tokens (padded masks); one step of
+``train_step`` at R̃ loops (megatron DDP + distributed optimizer, the loop pipeline, Ouro's loss
+over the R̃ loops) for
 ``model.recompute`` none, selective (core_attn + mlp) and full (uniform, one layer per chunk).
 
 Method: each (recompute, R̃) case builds its model and optimizer, runs a warm-up step, then one

@@ -18,9 +18,10 @@ reference copy (EMA / frozen) — plus, per phase of the step, what that phase a
 The loss buffers: Ouro's loss and SFT's form full logits [loops, tokens, rows, V/TP] and keep a
 fp32 softmax of each loop; the backward adds the logits' gradient (3·e + 4 bytes per logit at the
 peak, e the activation bytes) and the head's weight gradient before DDP adds it into its fp32
-buffer (V/TP·h·e; measured, tests/unit/test_memory_plan.py). The fused heads (LLOPSD's distillation,
-the policy losses' token log-probs, LoopRPT) hold ``chunk_size × V/TP`` fp32 temporaries (two
-per side, plus the gradient) and a fp32 gradient of the head's weight.
+buffer (V/TP·h·e; measured, tests/unit/test_memory_plan.py). The fused heads (LLOPSD's
+distillation, the policy losses' token log-probs, LoopRPT) hold ``chunk_size × V/TP`` fp32
+temporaries (six for LLOPSD's student and teacher sides, three for a token log-prob) and a fp32
+gradient of the head's weight; these are estimates from the code, not measured here.
 
 FLOPs per step follow ``nemo_loop.utils.flops`` (real tokens, backward = 2 × forward) on the
 assumed sequence lengths; the step time is FLOPs / (ranks × peak × MFU). Lengths a config does

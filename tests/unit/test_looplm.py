@@ -202,3 +202,55 @@ def test_tied_head_reads_out_through_the_embedding(megatron_single_process):
     unused = torch.ones(TINY.vocab_size, dtype=torch.bool)
     unused[ids.unique()] = False  # rows the embedding lookup never touched
     assert embedding.grad[unused].abs().sum() > 0
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(recompute="partial"), "model.recompute must be one of"),
+    (dict(recompute_method="uniform"), "model.recompute_method applies to recompute=full"),
+    (dict(recompute="full", recompute_method="random"), "model.recompute_method must be one of"),
+    (dict(recompute="selective", recompute_num_layers=1),
+     "model.recompute_num_layers applies to recompute=full"),
+    (dict(recompute="full", recompute_num_layers=3), "model.recompute_num_layers must be in"),
+    (dict(recompute="full", recompute_modules=["mlp"]),
+     "model.recompute_modules applies to recompute=selective"),
+    (dict(recompute="selective", recompute_modules=["moe"]), "model.recompute_modules must be"),
+])
+def test_bad_recompute_settings_are_refused_naming_the_field(fields, field):
+    with pytest.raises(ValueError, match=field):
+        LoopModelConfig(**{**TINY.__dict__, **fields}).validate(pipeline_parallel=1)
+
+
+def test_recompute_maps_onto_megatrons_fields():
+    full = LoopModelConfig(**{**TINY.__dict__, "recompute": "full"}).transformer_config()
+    assert (full.recompute_granularity, full.recompute_method, full.recompute_num_layers) == \
+        ("full", "uniform", 1)
+    selective = LoopModelConfig(**{**TINY.__dict__, "recompute": "selective",
+                                   "recompute_modules": ["mlp"]}).transformer_config()
+    assert (selective.recompute_granularity, selective.recompute_modules) == ("selective", ["mlp"])
+    assert LoopModelConfig(**TINY.__dict__).transformer_config().recompute_granularity is None
+    with pytest.raises(ValueError, match="'layernorm' needs Transformer Engine"):
+        LoopModelConfig(**{**TINY.__dict__, "recompute": "selective",
+                           "recompute_modules": ["layernorm"]}).transformer_config()
+
+
+def test_attention_backend_and_recompute_do_not_change_the_architecture():
+    """A checkpoint trained with one backend/recompute loads under another."""
+    from nemo_loop.models.looplm.config import architecture_differences, model_config_of
+
+    saved = LoopModelConfig(**{**TINY.__dict__, "attention_backend": "dot_product",
+                               "recompute": "full", "recompute_num_layers": 2})
+    assert architecture_differences(saved, TINY) == []
+    assert model_config_of(saved.transformer_config()).recompute_num_layers == 2
+    assert model_config_of(saved.transformer_config()).attention_backend == "dot_product"
+
+
+def test_oisd_attention_term_refuses_recompute():
+    from nemo_loop.algorithms.oisd import OISDConfig
+    from nemo_loop.config import CONF_DIR, load_config
+
+    with pytest.raises(ValueError, match="oisd.attention_coef > 0 needs model.recompute none"):
+        load_config(OISDConfig, CONF_DIR / "oisd.yaml", ["model.recompute=full"],
+                    check_paths=False)
+    config = load_config(OISDConfig, CONF_DIR / "oisd.yaml",
+                         ["model.recompute=full", "oisd.attention_coef=0"], check_paths=False)
+    assert config.model.recompute == "full"

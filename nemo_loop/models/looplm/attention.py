@@ -97,9 +97,10 @@ class SDPAttention(MegatronModule):
         unsupported = {"context_parallel_size": config.context_parallel_size != 1,
                        "window_size": config.window_size is not None,
                        "softmax_type": config.softmax_type != "vanilla"}
-        if any(unsupported.values()):
-            raise ValueError(f"SDPAttention does not support {[k for k, v in unsupported.items() if v]}"
-                             " (use model.attention_backend te)")
+        refused = [name for name, present in unsupported.items() if present]
+        if refused:
+            raise ValueError(f"SDPAttention does not support {refused} (use "
+                             f"model.attention_backend te)")
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         tp_size = pg_collection.tp.size()
@@ -118,7 +119,8 @@ class SDPAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
                 attention_bias=None, packed_seq_params=None) -> torch.Tensor:
-        """``[sq, b, heads, d]``, ``[sk, b, groups, d]`` × 2, bool mask or None → ``[sq, b, h/TP]``."""
+        """``[sq, b, heads, d]``, ``[sk, b, groups, d]`` × 2, a bool mask or None →
+        ``[sq, b, heads·d]`` (this rank's heads)."""
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPAttention takes no attention_bias or packed sequences "
                              "(use model.attention_backend te)")

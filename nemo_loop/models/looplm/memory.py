@@ -145,7 +145,8 @@ class LoopActivations:
 
 def loop_activations(config, seq: int, rows: int, stage: StageShape, core_attention: str,
                      masked: bool, activation_bytes: int) -> LoopActivations:
-    """One loop's pass of one micro-batch through this stage's layers, under ``config.recompute``."""
+    """One loop's pass of one micro-batch through this stage's layers, under
+    ``config.recompute``."""
     layers = config.num_layers // stage.pipeline_parallel
     args = (config, seq, rows, stage, core_attention, masked, activation_bytes)
     final = final_norm_bytes(config, seq, rows, stage, activation_bytes)
