@@ -254,3 +254,32 @@ def test_oisd_attention_term_refuses_recompute():
     config = load_config(OISDConfig, CONF_DIR / "oisd.yaml",
                          ["model.recompute=full", "oisd.attention_coef=0"], check_paths=False)
     assert config.model.recompute == "full"
+
+
+def test_sdpa_attention_dropout_draws_from_megatrons_rng_tracker(megatron_single_process):
+    """Training-mode dropout changes the output, is repeatable from the model-parallel RNG
+    state, and is off in eval mode (as DotProductAttention's)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from nemo_loop.models.looplm.attention import SDPAttention
+
+    config = LoopModelConfig(**{**TINY.__dict__, "attention_dropout": 0.5}).transformer_config()
+    attention = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(6, 2, heads, 16, generator=gen) for heads in (4, 2, 2))
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+
+    def run():
+        return attention(query, key, value, None)
+
+    attention.eval()
+    plain = run()
+    attention.train()
+    state = tracker.get_states()
+    first = run()
+    tracker.set_states(state)
+    assert torch.equal(first, run())
+    assert not torch.allclose(first, plain)
+    attention.eval()
+    assert torch.equal(run(), plain)
