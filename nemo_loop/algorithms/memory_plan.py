@@ -51,8 +51,7 @@ from nemo_loop.utils.flops import (
 )
 
 GIB = 2 ** 30
-ROLLOUT_ALGORITHMS = ("llopsd", "grpo", "rltt", "oisd")
-LOGIT_LOSS_BYTES = lambda e: 3 * e + FP32  # noqa: E731 - per logit, see module doc
+# fp32 [chunk_size × V/TP] temporaries a fused head holds at once (see the module docstring)
 FUSED_HEAD_TEMPORARIES = {"llopsd": 6, "grpo": 3, "rltt": 3, "oisd": 3, "looprpt": 3}
 
 
@@ -280,7 +279,7 @@ def _loss_buffers(config, workload: Workload) -> Component:
     if w.loss == "logits":
         logits = w.loss_loops * w.loss_tokens * w.rows * vocab
         head_grad = vocab * model.hidden_size * e
-        return Component("loss buffers", logits * LOGIT_LOSS_BYTES(e) + head_grad,
+        return Component("loss buffers", logits * (3 * e + FP32) + head_grad,
                          f"{w.loss_loops} loop(s) of logits [{w.loss_tokens:,} × {w.rows} × "
                          f"{vocab:,}]: logits, fp32 softmax, their gradient; the head's "
                          f"weight gradient")

@@ -22,7 +22,9 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     for recompute in ("recompute_none", "recompute_full"):
         step = parts["train_step"][recompute]
         assert step["tokens_per_s"] > 0 and step["flops_per_step"] > 0
-        assert 0.8 <= step["planned_over_measured"] <= 1.25, step
+        # A wiring check of the plan-vs-peak figure (the 20% check on real configs is
+        # tests/unit/test_memory_plan.py): at these 2-MiB sizes small tensors weigh in.
+        assert 0.7 <= step["planned_over_measured"] <= 1.3, step
     # The two runs train the same function: recompute changes memory, not the loss.
     assert parts["train_step"]["recompute_none"]["loss"] == \
         parts["train_step"]["recompute_full"]["loss"]
