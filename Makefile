@@ -2,12 +2,13 @@
 #   make run    set up .venv if needed, then run the main job on the embedded default
 #   make test   set up .venv if needed, then run the test suite
 #   make study  set up .venv if needed, then run the default study (conf/studies/shell_game.yaml)
+#   make gpu-check  the prepared GPU check (benchmarks/gpu_check.py, docs/gpu_check.md)
 PYTHON_BOOTSTRAP ?= $(shell command -v python3.11 || ls /root/.pyenv/versions/3.11*/bin/python3.11 2>/dev/null | head -1 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test study setup clean
+.PHONY: run test study gpu-check setup clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,9 @@ study: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests $(ARGS)
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -55,15 +55,14 @@ import time
 
 import torch
 
-from nemo_loop.models.looplm.config import LoopModelConfig
+from nemo_loop.config import CONF_DIR
+from nemo_loop.models.looplm.config import LoopModelConfig, read_model_config
 
 CONFIGS = {
     "tiny": LoopModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176,
                             num_attention_heads=4, num_query_groups=2, vocab_size=256,
                             max_sequence_length=512, num_loops=4),
-    "mid": LoopModelConfig(num_layers=4, hidden_size=512, ffn_hidden_size=1408,
-                           num_attention_heads=8, num_query_groups=4, vocab_size=49152,
-                           max_sequence_length=512, num_loops=4),
+    "mid": read_model_config(CONF_DIR / "model" / "mid.yaml"),
 }
 BATCH = 8
 PROMPT_TOKENS = 128

@@ -56,8 +56,10 @@ def _yaml_with_bases(path: Path, seen: tuple = ()) -> list:
 
 
 def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
-                overrides: list[str] | None = None) -> T:
-    """Schema defaults ← YAML file ← ``model=NAME`` ← dotlist overrides; then ``validate()``."""
+                overrides: list[str] | None = None, *, check_paths: bool = True) -> T:
+    """Schema defaults ← YAML file ← ``model=NAME`` ← dotlist overrides; then ``validate()``
+    (``check_paths=False``: ``validate(check_paths=False)``, for schemas that take it — a plan
+    of a run whose inputs do not exist yet)."""
     overrides = list(overrides or [])
     base = OmegaConf.structured(schema)
 
@@ -89,7 +91,10 @@ def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
         reason = str(error).splitlines()[0]
         raise ValueError(f"invalid config at {where!r}: {reason}" if where
                          else f"invalid config: {reason}") from None
-    config.validate()
+    if check_paths:
+        config.validate()
+    else:
+        config.validate(check_paths=False)
     return config
 
 

@@ -76,14 +76,24 @@ forward_signal() {
     return 0
 }
 
+# srun's options for running in the container (none when CONTAINER_IMAGE=none).
+CONTAINER_ARGS=()
+if [[ $CONTAINER_IMAGE != none ]]; then
+    CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE" --container-mounts="$CONTAINER_MOUNTS"
+                    --container-workdir="$REPO_DIR")
+fi
+
+# run_once CMD...: run CMD as a single task on the job's first node (in the container), e.g.
+# the memory plan before the ranks start; return its exit code.
+run_once() {
+    echo "[slurm] $(date -u +%FT%TZ) one task: $*"
+    (cd "$REPO_DIR" && srun --export=ALL --nodes=1 --ntasks=1 "${CONTAINER_ARGS[@]}" "$@")
+}
+
 # launch CMD...: run CMD once per Slurm task (in the container unless CONTAINER_IMAGE=none)
 # with RANK/LOCAL_RANK/WORLD_SIZE/NODE_RANK/MASTER_ADDR/MASTER_PORT set; return its exit code.
 launch() {
-    local srun_args=(--export=ALL)
-    if [[ $CONTAINER_IMAGE != none ]]; then
-        srun_args+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$CONTAINER_MOUNTS"
-                    --container-workdir="$REPO_DIR")
-    fi
+    local srun_args=(--export=ALL "${CONTAINER_ARGS[@]}")
     echo "[slurm] $(date -u +%FT%TZ) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})" \
          "on $SLURM_JOB_NODELIST:" \
          "$SLURM_NTASKS tasks, rendezvous $MASTER_ADDR:$MASTER_PORT, image $CONTAINER_IMAGE"

@@ -40,6 +40,13 @@ class OISDConfig(GRPOConfig):
     def validate(self, world_size: int | None = None, check_paths: bool = True) -> None:
         super().validate(world_size, check_paths)
         self.oisd.validate(self.rollout.student_loops, self.model.num_layers)
+        if self.oisd.attention_coef > 0 and self.model.recompute != "none":
+            # The probe taps the core attention's inputs during the forward; a recomputed layer
+            # calls it again inside backward (selective: the first call runs without grad), and
+            # the attention term's gradient would not reach the layer.
+            raise ValueError(f"oisd.attention_coef > 0 needs model.recompute none (got "
+                             f"{self.model.recompute!r}): the attention probe cannot see a "
+                             f"recomputed attention; set oisd.attention_coef=0 to recompute")
 
 
 class OISDObjective(Objective):

@@ -25,12 +25,19 @@ class Algorithm:
     seed_keys: tuple[str, ...] = ("trainer.seed",)
     # The training prompt set (a PromptSetConfig); None: the algorithm draws its own data.
     prompts_key: str | None = "data"
+    # Its script under recipes/ (without .py) when not `name`; its default config is
+    # conf/<name>.yaml.
+    recipe: str | None = None
 
     def config_class(self) -> type:
         return _attribute(self.config)
 
     def train_function(self):
         return _attribute(self.train)
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or self.name
 
     def decided_keys(self) -> tuple[str, ...]:
         """Keys of this algorithm's config that an experiment sets: a method must not. (An
@@ -62,12 +69,20 @@ ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (
     # (a study runs it after a student, with init_from = that student's checkpoint).
     Algorithm("exit_gate", "nemo_loop.algorithms.exit_gate:ExitGateConfig",
               "nemo_loop.algorithms.exit_gate:train", student_loops_key=None,
-              seed_keys=("trainer.seed", "trainer.data_seed"), prompts_key=None),
+              seed_keys=("trainer.seed", "trainer.data_seed"), prompts_key=None,
+              recipe="train_exit_gate"),
+    # Ouro's pretraining objective on all R loops (the recipe that makes the initial models).
+    Algorithm("pretrain", "nemo_loop.algorithms.pretrain:PretrainConfig",
+              "nemo_loop.algorithms.pretrain:pretrain", student_loops_key=None,
+              seed_keys=("trainer.seed", "trainer.data_seed"), prompts_key=None,
+              recipe="pretrain_looplm"),
 )}
 
 
 def algorithm(name: str) -> Algorithm:
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; registered: {sorted(ALGORITHMS)} "
-                         f"(nemo_loop/algorithms/registry.py)")
-    return ALGORITHMS[name]
+    """An algorithm by its name or by its recipe's name (``pretrain_looplm``)."""
+    for entry in ALGORITHMS.values():
+        if name in (entry.name, entry.recipe_name):
+            return entry
+    raise ValueError(f"unknown algorithm {name!r}; registered: {sorted(ALGORITHMS)} "
+                     f"(nemo_loop/algorithms/registry.py)")

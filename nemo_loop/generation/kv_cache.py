@@ -186,9 +186,9 @@ class RopeOnceKVCache:
             if POISON_NEW_BUFFERS:
                 self._check_written(layer_index, *prefix)
             if self.slot > 0 and len(rest) > 0 and rest[0] is None:
-                # Decode without padding: the new tokens see the whole prefix. (megatron's local
-                # attention ignores the type; backends that honour it must not apply a
-                # top-left-aligned causal mask to sq < sk.)
+                # Decode without padding: the new tokens see the whole prefix. (megatron's
+                # DotProductAttention ignores the type; SDPAttention and TE honour it and must
+                # not apply a top-left-aligned causal mask to sq < sk.)
                 kwargs = {**kwargs, "attn_mask_type": AttnMaskType.no_mask}
             return (query, *prefix, *rest), kwargs
 

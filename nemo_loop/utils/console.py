@@ -21,6 +21,9 @@ KNOWN_WARNINGS = (
     (UserWarning, "absl.logging is not installed"),
     (UserWarning, "full scope is deprecated"),
     (UserWarning, "MimoModelConfig is experimental"),
+    # model.recompute=selective with core_attn: megatron's advice for TE's fused attention
+    # (docs/performance.md says when core_attn recompute pays: dot_product attention).
+    (UserWarning, "If you are using transformer_engine as the transformer implementation"),
     # megatron's optimizer probes param.main_grad on non-leaf views of its flat buffers.
     (UserWarning, "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
     (FutureWarning, "`torch.distributed.reduce_scatter_tensor` is deprecated"),

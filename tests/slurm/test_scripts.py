@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,38 @@ def test_64gpu_presets_load_and_fit_64_ranks(preset, model, layers, tensor_paral
     assert config.parallel.pipeline_parallel == 1
     assert config.parallel.data_parallel(64) == data_parallel
     assert config.trainer.max_steps == 10
+    from nemo_loop.algorithms.memory_plan import PlanAssumptions, plan_training
+    from nemo_loop.algorithms.registry import algorithm
+
+    plan = plan_training(algorithm("llopsd"), config, PlanAssumptions(world_size=64))
+    assert plan.layout.endswith("= 64 ranks") and plan.fits, plan.render()
+
+
+def _dry_run(script, *arguments):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env.update(PYTHON=sys.executable, PYTHONPATH=str(REPO))
+    return subprocess.run(["bash", f"slurm/{script}", "--dry-run", *arguments], cwd=REPO,
+                          env=env, capture_output=True, text=True)
+
+
+def test_dry_run_prints_the_plan_of_the_job_before_anything_is_allocated():
+    """No Slurm job: the world size comes from the script's #SBATCH header (8 × 8)."""
+    result = _dry_run("llopsd_8node.sh", "--config", "conf/cluster/ouro_2p6b_64gpu.yaml")
+    assert result.returncode == 0, result.stderr
+    for line in ("memory plan: llopsd, model ouro_2p6b", "TP 2 × PP 1 × DP 32 = 64 ranks",
+                 "KV cache", "activations", "optimizer shard", "FLOPs per step"):
+        assert line in result.stdout, result.stdout
+    assert "of 80.0 GiB device memory: fits" in result.stdout
+
+
+def test_dry_run_refuses_a_layout_that_does_not_fit_naming_the_part():
+    result = _dry_run("llopsd_1node.sh", "algorithm=grpo", "model=ouro_1p4b",
+                      "trainer.prompts_per_step=64", "rollout.max_new_tokens=3072",
+                      "trainer.micro_batch_size=64")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "DP 8 = 8 ranks" in result.stdout  # the 1-node script's 8 tasks
+    assert "refused: grpo does not fit" in result.stderr
+    assert "the largest part is activations" in result.stderr
 
 
 def test_usr1_sets_the_flag_until_closed():

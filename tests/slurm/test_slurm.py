@@ -88,6 +88,10 @@ def test_8node_script_trains_on_2_nodes_x_2_tasks(slurm_cluster, tmp_path):
     logs = _logs(tmp_path, job_id)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), logs[-5000:]
     assert job["NumNodes"] == "2" and job["Restarts"] == "0"
+    # The memory plan ran once, for the job's 4 ranks, before the ranks started.
+    assert logs.count("memory plan: llopsd, model tiny_chat") == 1, logs[-5000:]
+    assert "TP 2 × PP 1 × DP 2 = 4 ranks" in logs
+    assert logs.index("peak per rank") < logs.index("[slurm-task]")
 
     # Every task saw its Slurm ids as torch.distributed's variables (block distribution).
     seen = sorted((int(t["RANK"]), int(t["LOCAL_RANK"]), int(t["NODE_RANK"]),

@@ -55,17 +55,17 @@ def test_throughput_and_mfu():
 
 
 def test_formula_matches_torchs_flop_counter_on_the_real_model(megatron_single_process):
-    """torch counts every matmul the model runs. Megatron's local attention computes all s²
-    (query, key) products and masks the upper triangle, so the counter sees s² − s(s+1)/2 pairs
-    per layer and loop more than the causal count; everything else must agree exactly,
-    backward included."""
+    """torch counts every matmul the model runs. Megatron's local DotProductAttention computes
+    all s² (query, key) products and masks the upper triangle, so the counter sees
+    s² − s(s+1)/2 pairs per layer and loop more than the causal count; everything else must
+    agree exactly, backward included."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from nemo_loop.models.looplm.model import build_loop_model
 
     config = LoopModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=48,
                              num_attention_heads=4, num_query_groups=2, vocab_size=40,
-                             max_sequence_length=16, num_loops=3)
+                             max_sequence_length=16, num_loops=3, attention_backend="dot_product")
     torch.manual_seed(0)
     model = build_loop_model(config.transformer_config())
     shape, batch, seq, loops, logit_loops = LoopShape.of(config), 2, 7, 3, [1, 3]

@@ -88,13 +88,22 @@ def test_bad_configs_are_rejected():
         LoopModelConfig(num_layers=3).validate(pipeline_parallel=2)
 
 
-def test_unknown_layer_backend_is_rejected():
+def test_unknown_attention_backend_is_rejected():
     from nemo_loop.models.looplm.layer_specs import loop_layer_spec
 
-    with pytest.raises(ValueError, match="unknown layer backend"):
-        loop_layer_spec("sandwich", backend="cudnn")
+    with pytest.raises(ValueError, match="model.attention_backend must be one of"):
+        LoopModelConfig(attention_backend="cudnn").validate()
+    with pytest.raises(ValueError, match="unknown core attention"):
+        loop_layer_spec("sandwich", "cudnn")
     with pytest.raises(ValueError, match="unknown layer_spec"):
-        loop_layer_spec("bogus")
+        loop_layer_spec("bogus", "sdpa")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Transformer Engine may be usable here")
+def test_te_backend_without_transformer_engine_names_the_field():
+    with pytest.raises(RuntimeError, match="model.attention_backend 'te' needs Transformer Engine"):
+        LoopModelConfig(attention_backend="te").transformer_config()
+    assert LoopModelConfig().transformer_config().core_attention == "sdpa"  # auto
 
 
 def test_sandwich_layer_has_four_norms_and_prenorm_two(megatron_single_process):
@@ -193,3 +202,84 @@ def test_tied_head_reads_out_through_the_embedding(megatron_single_process):
     unused = torch.ones(TINY.vocab_size, dtype=torch.bool)
     unused[ids.unique()] = False  # rows the embedding lookup never touched
     assert embedding.grad[unused].abs().sum() > 0
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(recompute="partial"), "model.recompute must be one of"),
+    (dict(recompute_method="uniform"), "model.recompute_method applies to recompute=full"),
+    (dict(recompute="full", recompute_method="random"), "model.recompute_method must be one of"),
+    (dict(recompute="selective", recompute_num_layers=1),
+     "model.recompute_num_layers applies to recompute=full"),
+    (dict(recompute="full", recompute_num_layers=3), "model.recompute_num_layers must be in"),
+    (dict(recompute="full", recompute_modules=["mlp"]),
+     "model.recompute_modules applies to recompute=selective"),
+    (dict(recompute="selective", recompute_modules=["moe"]), "model.recompute_modules must be"),
+])
+def test_bad_recompute_settings_are_refused_naming_the_field(fields, field):
+    with pytest.raises(ValueError, match=field):
+        LoopModelConfig(**{**TINY.__dict__, **fields}).validate(pipeline_parallel=1)
+
+
+def test_recompute_maps_onto_megatrons_fields():
+    full = LoopModelConfig(**{**TINY.__dict__, "recompute": "full"}).transformer_config()
+    assert (full.recompute_granularity, full.recompute_method, full.recompute_num_layers) == \
+        ("full", "uniform", 1)
+    selective = LoopModelConfig(**{**TINY.__dict__, "recompute": "selective",
+                                   "recompute_modules": ["mlp"]}).transformer_config()
+    assert (selective.recompute_granularity, selective.recompute_modules) == ("selective", ["mlp"])
+    assert LoopModelConfig(**TINY.__dict__).transformer_config().recompute_granularity is None
+    with pytest.raises(ValueError, match="'layernorm' needs Transformer Engine"):
+        LoopModelConfig(**{**TINY.__dict__, "recompute": "selective",
+                           "recompute_modules": ["layernorm"]}).transformer_config()
+
+
+def test_attention_backend_and_recompute_do_not_change_the_architecture():
+    """A checkpoint trained with one backend/recompute loads under another."""
+    from nemo_loop.models.looplm.config import architecture_differences, model_config_of
+
+    saved = LoopModelConfig(**{**TINY.__dict__, "attention_backend": "dot_product",
+                               "recompute": "full", "recompute_num_layers": 2})
+    assert architecture_differences(saved, TINY) == []
+    assert model_config_of(saved.transformer_config()).recompute_num_layers == 2
+    assert model_config_of(saved.transformer_config()).attention_backend == "dot_product"
+
+
+def test_oisd_attention_term_refuses_recompute():
+    from nemo_loop.algorithms.oisd import OISDConfig
+    from nemo_loop.config import CONF_DIR, load_config
+
+    with pytest.raises(ValueError, match="oisd.attention_coef > 0 needs model.recompute none"):
+        load_config(OISDConfig, CONF_DIR / "oisd.yaml", ["model.recompute=full"],
+                    check_paths=False)
+    config = load_config(OISDConfig, CONF_DIR / "oisd.yaml",
+                         ["model.recompute=full", "oisd.attention_coef=0"], check_paths=False)
+    assert config.model.recompute == "full"
+
+
+def test_sdpa_attention_dropout_draws_from_megatrons_rng_tracker(megatron_single_process):
+    """Training-mode dropout changes the output, is repeatable from the model-parallel RNG
+    state, and is off in eval mode (as DotProductAttention's)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from nemo_loop.models.looplm.attention import SDPAttention
+
+    config = LoopModelConfig(**{**TINY.__dict__, "attention_dropout": 0.5}).transformer_config()
+    attention = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(6, 2, heads, 16, generator=gen) for heads in (4, 2, 2))
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+
+    def run():
+        return attention(query, key, value, None)
+
+    attention.eval()
+    plain = run()
+    attention.train()
+    state = tracker.get_states()
+    first = run()
+    tracker.set_states(state)
+    assert torch.equal(first, run())
+    assert not torch.allclose(first, plain)
+    attention.eval()
+    assert torch.equal(run(), plain)

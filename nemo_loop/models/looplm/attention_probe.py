@@ -5,7 +5,8 @@ micro-batch. ``AttentionProbe`` hooks it (a forward pre-hook; the values are unc
 keeps, call by call, the query ``[s, b, heads/TP, head_dim]`` and key
 ``[s, b, groups/TP, head_dim]`` after RoPE, so that a loss on attention rows can train the layer
 (OISD's attention term). Under tensor parallelism each rank holds its own heads. Only the
-whole-model path (PP = 1) is supported.
+whole-model path (PP = 1) is supported, without activation recompute (a recomputed layer calls
+its core attention again inside backward; OISD's config refuses the combination).
 
 Gradients follow the loop pipeline's rule for readouts (``pipeline.py``): the loss runs its
 backward as soon as a micro-batch's last loop is done, long before the backward wave reaches the
@@ -43,7 +44,7 @@ class AttentionProbe:
                              f"{len(layers)} shared layers (0..{len(layers) - 1}, or negative "
                              f"from the end)")
         self.core_attention = layers[layer].self_attention.core_attention
-        # megatron's DotProductAttention and TE's both scale q·k by softmax_scale when set.
+        # megatron's DotProductAttention, SDPAttention and TE's all scale q·k by softmax_scale.
         scale = getattr(self.core_attention, "softmax_scale", None)
         self.softmax_scale = float(scale) if scale else 1.0 / math.sqrt(stage.config.kv_channels)
         self.pipelined = pipelined

@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from nemo_loop.config import read_section
+from nemo_loop.models.looplm.attention import ATTENTION_BACKENDS, resolve_attention_backend
 
 LAYER_SPECS = ("sandwich", "prenorm")
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+# megatron-core 0.19.2's selective modules that exist in a dense LoopLM layer (its others are
+# MoE, MLA and gated-delta-net parts).
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
 
 @dataclass
@@ -22,6 +28,7 @@ class LoopTransformerConfig(TransformerConfig):
 
     num_loops: int = 4
     layer_spec: str = "sandwich"
+    core_attention: str = "sdpa"  # the resolved model.attention_backend: sdpa | dot_product | te
     vocab_size: int = 0
     max_sequence_length: int = 4096
     rotary_base: float = 10000.0
@@ -51,6 +58,18 @@ class LoopModelConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     params_dtype: str = "float32"
+    # Core attention: auto (Transformer Engine where it imports and a GPU is present, else sdpa)
+    # | sdpa (torch's fused kernels) | dot_product (megatron's local [b, heads, s, s] reference)
+    # | te. Changes speed and memory, not the function: checkpoints load across backends.
+    attention_backend: str = "auto"
+    # Activation recompute, megatron-core's recompute_* fields: none | selective (the
+    # ``recompute_modules`` of every layer, megatron's default [core_attn]) | full (whole layers:
+    # ``recompute_method`` uniform (default: chunks of ``recompute_num_layers`` layers, default 1)
+    # or block (the first ``recompute_num_layers`` layers of each stage)). Applies to every loop.
+    recompute: str = "none"
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    recompute_modules: list[str] | None = None
     name: str = "looplm"
     extra: dict = field(default_factory=dict)
 
@@ -58,6 +77,10 @@ class LoopModelConfig:
         problems = []
         if self.layer_spec not in LAYER_SPECS:
             problems.append(f"unknown layer_spec {self.layer_spec!r}; choose one of {LAYER_SPECS}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            problems.append(f"model.attention_backend must be one of {ATTENTION_BACKENDS}, got "
+                            f"{self.attention_backend!r}")
+        problems += self._recompute_problems(pipeline_parallel)
         if self.num_loops < 1:
             problems.append(f"num_loops must be >= 1, got {self.num_loops}")
         if self.hidden_size % self.num_attention_heads:
@@ -90,10 +113,60 @@ class LoopModelConfig:
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 
+    def _recompute_problems(self, pipeline_parallel: int) -> list[str]:
+        """What megatron would refuse (or silently ignore) in the recompute fields, by name."""
+        if self.recompute not in RECOMPUTE:
+            return [f"model.recompute must be one of {RECOMPUTE}, got {self.recompute!r}"]
+        problems = []
+        full, selective = self.recompute == "full", self.recompute == "selective"
+        if self.recompute_method is not None and not full:
+            problems.append(f"model.recompute_method applies to recompute=full only (recompute "
+                            f"is {self.recompute!r})")
+        elif self.recompute_method is not None and self.recompute_method not in RECOMPUTE_METHODS:
+            problems.append(f"model.recompute_method must be one of {RECOMPUTE_METHODS}, got "
+                            f"{self.recompute_method!r}")
+        layers_per_stage = self.num_layers // max(pipeline_parallel, 1)
+        if self.recompute_num_layers is not None:
+            if not full:
+                problems.append(f"model.recompute_num_layers applies to recompute=full only "
+                                f"(recompute is {self.recompute!r})")
+            elif not 1 <= self.recompute_num_layers <= layers_per_stage:
+                problems.append(f"model.recompute_num_layers must be in [1, {layers_per_stage}] "
+                                f"(the layers of one pipeline stage), got "
+                                f"{self.recompute_num_layers}")
+        if self.recompute_modules is not None:
+            unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+            if not selective:
+                problems.append(f"model.recompute_modules applies to recompute=selective only "
+                                f"(recompute is {self.recompute!r})")
+            elif unknown or not self.recompute_modules:
+                problems.append(f"model.recompute_modules must be a non-empty subset of "
+                                f"{RECOMPUTE_MODULES} (a dense LoopLM layer has no MoE, MLA or "
+                                f"gated-delta-net parts), got {self.recompute_modules}")
+        return problems
+
+    def megatron_recompute(self) -> dict:
+        """The recompute fields of megatron's TransformerConfig."""
+        if self.recompute == "none":
+            return dict(recompute_granularity=None)
+        if self.recompute == "selective":
+            return dict(recompute_granularity="selective",
+                        recompute_modules=(None if self.recompute_modules is None
+                                           else list(self.recompute_modules)))
+        return dict(recompute_granularity="full",
+                    recompute_method=self.recompute_method or "uniform",
+                    recompute_num_layers=self.recompute_num_layers or 1)
+
     def transformer_config(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                            sequence_parallel: bool = False,
                            use_cpu_initialization: bool | None = None) -> LoopTransformerConfig:
         self.validate(tensor_parallel, pipeline_parallel)
+        core_attention = resolve_attention_backend(self.attention_backend)
+        if "layernorm" in (self.recompute_modules or []) and core_attention != "te":
+            raise ValueError("model.recompute_modules 'layernorm' needs Transformer Engine "
+                             "(megatron-core 0.19.2 checkpoints the norms through TE's FP8 "
+                             f"state); attention_backend {self.attention_backend!r} runs "
+                             f"{core_attention!r} here: use core_attn and/or mlp")
         dtype = _DTYPES[self.params_dtype]
         if use_cpu_initialization is None:
             use_cpu_initialization = not torch.cuda.is_available()
@@ -132,6 +205,8 @@ class LoopModelConfig:
             use_cpu_initialization=use_cpu_initialization,
             num_loops=self.num_loops,
             layer_spec=self.layer_spec,
+            core_attention=core_attention,
+            **self.megatron_recompute(),
             vocab_size=self.vocab_size,
             max_sequence_length=self.max_sequence_length,
             rotary_base=self.rope_theta,
@@ -176,15 +251,29 @@ def model_config_of(config: LoopTransformerConfig, name: str = "looplm") -> Loop
                             else config.embedding_init_method_std),
         tie_word_embeddings=config.share_embeddings_and_output_weights,
         attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
-        params_dtype=next(k for k, v in _DTYPES.items() if v == config.params_dtype), name=name)
+        params_dtype=next(k for k, v in _DTYPES.items() if v == config.params_dtype),
+        attention_backend=config.core_attention, **_recompute_fields(config), name=name)
+
+
+def _recompute_fields(config: LoopTransformerConfig) -> dict:
+    granularity = config.recompute_granularity
+    if granularity is None:
+        return {}
+    if granularity == "selective":
+        return dict(recompute="selective", recompute_modules=list(config.recompute_modules))
+    return dict(recompute="full", recompute_method=config.recompute_method,
+                recompute_num_layers=config.recompute_num_layers)
 
 
 # Fields that do not change the function the weights compute: initialisation, training-time
-# dropout, the longest sequence (RoPE is computed per position), the storage precision and the
-# label. Every other field — including ones added later — must match a checkpoint's.
+# dropout, the longest sequence (RoPE is computed per position), the storage precision, the
+# attention kernel, activation recompute and the label. Every other field — including ones added
+# later — must match a checkpoint's.
 FUNCTION_NEUTRAL_FIELDS = frozenset({"name", "init_std", "embedding_init_std",
                                      "attention_dropout", "hidden_dropout",
-                                     "max_sequence_length", "params_dtype"})
+                                     "max_sequence_length", "params_dtype", "attention_backend",
+                                     "recompute", "recompute_method", "recompute_num_layers",
+                                     "recompute_modules"})
 
 
 def architecture_differences(saved: LoopModelConfig, current: LoopModelConfig

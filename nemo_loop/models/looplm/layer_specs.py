@@ -1,7 +1,9 @@
 """Layer specs for the LoopLM: Ouro's sandwich layer and the plain pre-norm layer.
 
-Each comes as a local spec (megatron-core modules only) and, when Transformer Engine imports
-and a GPU is present, a TE spec. Ouro's sandwich layer normalizes each sublayer's *output*
+Each comes as a local spec (megatron-core modules only; core attention through torch's SDPA or
+megatron's ``DotProductAttention``) and, when Transformer Engine imports and a GPU is present, a
+TE spec: ``config.core_attention`` (the resolved ``model.attention_backend``, see
+``nemo_loop.models.looplm.attention``) chooses. Ouro's sandwich layer normalizes each sublayer's *output*
 before the residual add (four RMSNorms per layer). megatron-core's TransformerLayer has no slot
 for an output norm, so ``SandwichTransformerLayer`` applies it inside the bias-dropout-add step,
 which every attention and MLP output passes through.
@@ -16,6 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -27,9 +30,10 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from nemo_loop.models.looplm.attention import SDPAttention
 from nemo_loop.models.looplm.config import LAYER_SPECS
 
-BACKENDS = ("auto", "local", "te")
+CORE_ATTENTIONS = ("sdpa", "dot_product", "te")  # resolved attention backends
 
 
 @dataclass
@@ -79,34 +83,11 @@ def _normalize_then(bias_dropout_add, norm):
     return bda_factory
 
 
-def transformer_engine_usable() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken TE install is as good as none
-        return False
-    return True
-
-
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown layer backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        return "te" if transformer_engine_usable() else "local"
-    if backend == "te" and not transformer_engine_usable():
-        raise RuntimeError(
-            "layer backend 'te' needs Transformer Engine and a CUDA GPU. It ships in the NGC "
-            "PyTorch container (see containers/Dockerfile); use backend 'local' elsewhere."
-        )
-    return backend
-
-
-def loop_layer_spec(layer_spec: str, backend: str = "auto") -> ModuleSpec:
-    """The ModuleSpec of one shared LoopLM layer."""
+def loop_layer_spec(layer_spec: str, core_attention: str) -> ModuleSpec:
+    """The ModuleSpec of one shared LoopLM layer with the given (resolved) attention backend."""
     if layer_spec not in LAYER_SPECS:
         raise ValueError(f"unknown layer_spec {layer_spec!r}; choose one of {LAYER_SPECS}")
-    base, norm_builder = _base_spec(backend)
+    base, norm_builder = _base_spec(core_attention)
     fields = {name: getattr(base.submodules, name)
               for name in TransformerLayerSubmodules.__dataclass_fields__}
     if layer_spec == "prenorm":
@@ -119,20 +100,25 @@ def loop_layer_spec(layer_spec: str, backend: str = "auto") -> ModuleSpec:
     )
 
 
-def loop_block_spec(config, backend: str = "auto") -> TransformerBlockSubmodules:
+def loop_block_spec(config) -> TransformerBlockSubmodules:
     """This pipeline stage's slice of the shared layers, plus the final (per-loop) norm."""
-    layer = loop_layer_spec(config.layer_spec, backend)
-    _, norm_builder = _base_spec(backend)
+    layer = loop_layer_spec(config.layer_spec, config.core_attention)
+    _, norm_builder = _base_spec(config.core_attention)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
                                       layer_norm=norm_builder)
 
 
-def _base_spec(backend: str):
-    if resolve_backend(backend) == "te":
+def _base_spec(core_attention: str):
+    if core_attention not in CORE_ATTENTIONS:
+        raise ValueError(f"unknown core attention {core_attention!r}; choose one of "
+                         f"{CORE_ATTENTIONS} (model.attention_backend resolves to one)")
+    if core_attention == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
         return get_gpt_layer_with_transformer_engine_spec(), TENorm
     base = get_gpt_layer_local_spec(normalization="RMSNorm")
     base.submodules.input_layernorm = LoopRMSNorm
     base.submodules.pre_mlp_layernorm = LoopRMSNorm
+    base.submodules.self_attention.submodules.core_attention = (
+        SDPAttention if core_attention == "sdpa" else DotProductAttention)
     return base, LoopRMSNorm

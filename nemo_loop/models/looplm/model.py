@@ -98,7 +98,7 @@ class LoopGPTModel(LanguageModule):
     """One pipeline stage of a looped GPT (the whole model when PP=1)."""
 
     def __init__(self, config: LoopTransformerConfig, pre_process: bool = True,
-                 post_process: bool = True, backend: str = "auto"):
+                 post_process: bool = True):
         super().__init__(config=config)
         self.config: LoopTransformerConfig = config
         self.pre_process = pre_process
@@ -117,7 +117,7 @@ class LoopGPTModel(LanguageModule):
             use_cpu_initialization=config.use_cpu_initialization)
         # Every stage receives its input explicitly, so the block never reads set_input_tensor.
         self.decoder = TransformerBlock(config=config,
-                                        spec=loop_block_spec(config, backend),
+                                        spec=loop_block_spec(config),
                                         pre_process=True, post_process=post_process)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -330,9 +330,10 @@ def _full_seq_len(hidden, config) -> int:
     return seq * config.tensor_model_parallel_size if config.sequence_parallel else seq
 
 
-def build_loop_model(config: LoopTransformerConfig, backend: str = "auto") -> LoopGPTModel:
-    """The stage of the model this rank holds under the current parallel_state."""
+def build_loop_model(config: LoopTransformerConfig) -> LoopGPTModel:
+    """The stage of the model this rank holds under the current parallel_state (its core
+    attention and recompute as ``config`` says: ``model.attention_backend``, ``model.recompute``)."""
     from megatron.core import parallel_state
 
     return LoopGPTModel(config, pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage(), backend=backend)
+                        post_process=parallel_state.is_pipeline_last_stage())
