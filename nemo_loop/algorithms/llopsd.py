@@ -71,7 +71,8 @@ class LLOPSDTrainerConfig(CheckpointedTrainerConfig):
     prompts_per_step: int = 4  # global, across data-parallel ranks
     micro_batch_size: int = 2  # rollouts per micro-batch (at most, with a token budget)
     # Token budget of a micro-batch (rows × padded length; NeMo-RL's dynamic batching): rollouts
-    # sorted by length and packed; null: micro_batch_size rollouts each, in order.
+    # sorted by length and packed; null: micro_batch_size rollouts each, in order. The teacher's
+    # forward takes the same rows (its context makes them longer).
     max_tokens_per_micro_batch: int | None = None
     log_interval: int = 1
     seed: int = 1234
