@@ -62,8 +62,9 @@ class Step:
         from nemo_loop.algorithms.common import train_step
         from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
 
-        def loss_func(batch, output):
-            return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
+        def loss_func(batch, output, normalizer):
+            return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"],
+                                         normalizer=normalizer)
 
         started = time.perf_counter()
         metrics = train_step(self.ddp, self.optimizer, self.scheduler, self.batches, loss_func)

@@ -216,8 +216,9 @@ def _train_steps(sizes: Sizes, recompute: str) -> dict:
     batches = [{k: v.to(_device()) for k, v in dict(
         input_ids=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(1, seq)).items()}]
 
-    def loss_func(batch, output):
-        return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
+    def loss_func(batch, output, normalizer):
+        return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"],
+                                     normalizer=normalizer)
 
     times = []
     with PeakTensorMemory(_device()) as peak:

@@ -59,10 +59,11 @@ def _stage(rank: int, port: int, schedule: str, count: int, out_dir: str) -> Non
 
     from nemo_loop.algorithms.common import (
         OptimConfig,
-        average_metrics,
+        sum_metrics,
         build_optimizer,
         wrap_data_parallel,
     )
+    from nemo_loop.losses.normalization import LossNormalizer
     from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
     from nemo_loop.models.looplm.config import LoopModelConfig
     from nemo_loop.models.looplm.model import build_loop_model
@@ -83,16 +84,18 @@ def _stage(rank: int, port: int, schedule: str, count: int, out_dir: str) -> Non
     optimizer, _ = build_optimizer(ddp, OptimConfig())
 
     def step(batches):  # common.train_step, with the schedule chosen here
+        normalizer = LossNormalizer.count([batch["loss_mask"] for batch in batches])
+
         def loss_func(batch, output):
-            loss, metrics = ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
-            return loss / len(batches), metrics
+            return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"],
+                                         normalizer=normalizer)
 
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         metrics = forward_backward_loops(ddp, batches, loss_func, schedule=schedule)
         finalize_model_grads([ddp])
         optimizer.step()
-        average_metrics(metrics)
+        sum_metrics(metrics)
 
     step(_micro_batches(1))
     batches = _micro_batches(count)

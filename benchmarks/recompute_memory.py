@@ -72,8 +72,9 @@ def _measured(config) -> int:
                                     [row[SEQ // 2:] for row in tokens], pad_id=0)]
     loops = config.trainer.student_loops
 
-    def loss_func(batch, output):
-        return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
+    def loss_func(batch, output, normalizer):
+        return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"],
+                                     normalizer=normalizer)
 
     def step():
         train_step(ddp, optimizer, scheduler, batches, loss_func, num_loops=loops)

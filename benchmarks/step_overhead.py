@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nemo_loop.algorithms.common import build_optimizer, train_step, wrap_data_parallel  # noqa: E402
 from nemo_loop.algorithms.pretrain import PretrainConfig, my_micro_batches  # noqa: E402
 from nemo_loop.config import CONF_DIR, load_config  # noqa: E402
+from nemo_loop.losses.normalization import LossNormalizer  # noqa: E402
 from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss  # noqa: E402
 from nemo_loop.models.looplm.model import build_loop_model  # noqa: E402
 from nemo_loop.tasks import build_task  # noqa: E402
@@ -42,10 +43,10 @@ WARMUP_STEPS, TIMED_STEPS = 3, 12
 SEED = 1234
 
 
-def _loss_func(beta: float, count: int):
-    def loss_func(batch, output):
-        loss, metrics = ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"], beta)
-        return loss / count, metrics
+def _loss_func(beta: float):
+    def loss_func(batch, output, normalizer):
+        return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"], beta,
+                                     normalizer)
     return loss_func
 
 
@@ -68,7 +69,7 @@ class OurStep:
         started = time.perf_counter()
         micro_batches = my_micro_batches(self.config, self.task, self.tokenizer, step)
         self.data_seconds.append(time.perf_counter() - started)
-        loss_func = _loss_func(self.config.trainer.entropy_beta, len(micro_batches))
+        loss_func = _loss_func(self.config.trainer.entropy_beta)
         train_step(self.ddp, self.optimizer, self.scheduler, micro_batches, loss_func)
 
 
@@ -84,14 +85,15 @@ class PlainStep:
                                            eps=optim.adam_eps, weight_decay=optim.weight_decay)
         self.clip = optim.clip_grad
         self.batches = batches
-        self.loss_func = _loss_func(config.trainer.entropy_beta, len(batches))
+        self.loss_func = _loss_func(config.trainer.entropy_beta)
+        self.normalizer = LossNormalizer.count([batch["loss_mask"] for batch in batches])
 
     def __call__(self, step: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         for batch in self.batches:
             output = self.model(batch["input_ids"], batch["position_ids"],
                                 batch["attention_mask"])
-            loss, _ = self.loss_func(batch, output)
+            loss, _ = self.loss_func(batch, output, self.normalizer)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step()

@@ -52,18 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     options = load_config(ConvertOptions, None, args.overrides)
 
-    from nemo_loop.models.looplm import hf_ouro
+    from nemo_loop.conversion import ouro
     from nemo_loop.utils.distributed import destroy_model_parallel, init_distributed
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()
     layout = options.parallel
     if args.command == "import":
-        config = hf_ouro.import_ouro(args.hf_dir, args.out, layout, options.params_dtype)
+        config = ouro.import_ouro(args.hf_dir, args.out, layout, options.params_dtype)
         message = f"imported {args.hf_dir} → {args.out} ({config.num_layers} layers × " \
                   f"{config.num_loops} loops, {layout})"
     else:
-        hf_config = hf_ouro.export_ouro(args.ckpt, args.out, args.num_loops, layout,
+        hf_config = ouro.export_ouro(args.ckpt, args.out, args.num_loops, layout,
                                         args.model_config)
         message = f"exported {args.ckpt} → {args.out} (total_ut_steps=" \
                   f"{hf_config['total_ut_steps']})"

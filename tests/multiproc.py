@@ -14,6 +14,7 @@ import tempfile
 import traceback
 
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from nemo_loop.utils.distributed import free_port
 
@@ -58,7 +59,7 @@ def run_checks(module_name: str, check_names: list[str], world_size: int,
             mp.start_processes(_worker, args=(world_size, free_port(), check_names, module_name,
                                               out_dir, timeout_s),
                                nprocs=world_size, join=True, start_method="spawn")
-        except mp.ProcessException as crash:
+        except ProcessException as crash:
             crash_report = str(crash)
         else:
             crash_report = "no result file"

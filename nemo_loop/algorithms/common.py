@@ -1,9 +1,9 @@
-"""Training plumbing shared by every algorithm: DDP, the distributed optimizer, one step."""
+"""Training plumbing shared by every algorithm: DDP, the distributed optimizer, one step (and\nits loss-normalization contract, :func:`train_step`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,8 +13,9 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from nemo_loop.models.looplm.model import LoopGPTModel, build_loop_model
-from nemo_loop.models.looplm.pipeline import LossFunc, forward_backward_loops
+from nemo_loop.losses.normalization import LossNormalizer
+from nemo_loop.models.looplm.model import LoopGPTModel, LoopOutput, build_loop_model
+from nemo_loop.models.looplm.pipeline import forward_backward_loops
 
 
 @dataclass
@@ -99,28 +100,63 @@ def build_optimizer(ddp_model, optim: OptimConfig):
     return optimizer, scheduler
 
 
+def check_token_budget(max_tokens_per_micro_batch: int | None, max_sequence_length: int) -> None:
+    """``trainer.max_tokens_per_micro_batch`` holds any one row (null: fixed micro-batches)."""
+    if max_tokens_per_micro_batch is not None and \
+            max_tokens_per_micro_batch < max_sequence_length:
+        raise ValueError(f"trainer.max_tokens_per_micro_batch {max_tokens_per_micro_batch} must "
+                         f"be >= model.max_sequence_length {max_sequence_length} (a micro-batch "
+                         f"must hold the longest row), or null for trainer.micro_batch_size rows "
+                         f"per micro-batch")
+
+
+# loss_func(micro_batch, output, normalizer) → (this micro-batch's share of the step's loss,
+# its metrics), see train_step.
+TrainLossFunc = Callable[[dict, LoopOutput, LossNormalizer], tuple[torch.Tensor, dict]]
+
+
 def train_step(ddp_model, optimizer, scheduler, micro_batches: Sequence[dict],
-               loss_func: LossFunc, num_loops: int | None = None, logit_loops=None,
+               loss_func: TrainLossFunc, num_loops: int | None = None, logit_loops=None,
                compute_logits: bool = True) -> dict:
     """Gradient accumulation over ``micro_batches``, grad sync, clip, optimizer and LR step.
 
-    ``loss_func`` must scale its loss by 1/len(micro_batches). Returns metrics averaged over
-    the micro-batches and the data-parallel group (on the last pipeline stage; empty elsewhere)
-    plus the grad norm and learning rate. ``logit_loops``/``compute_logits`` choose what the
-    ``LoopOutput`` given to ``loss_func`` holds (see ``forward_backward_loops``); a loss that
-    reads the readouts through a fused head needs no logits.
+    The normalization contract of every algorithm: each micro-batch carries ``loss_mask``
+    ``[b, ...]`` (batch-first, non-zero at the tokens its loss averages over); this function
+    counts them once per step over all micro-batches and data-parallel ranks
+    (:class:`~nemo_loop.losses.normalization.LossNormalizer`) and calls
+    ``loss_func(micro_batch, output, normalizer)``, which returns the micro-batch's *share* of
+    the step's loss — Σ weights·ℓ with ``normalizer.weights(...)`` — and metrics that are shares
+    (or counts) likewise. The shares of every micro-batch and rank add up to the step's loss, so
+    it and the update do not depend on the micro-batch size, packing or data-parallel layout.
+    The returned metrics are those sums (on the last pipeline stage; empty elsewhere; ``loss``
+    defaults to the loss's share) plus the grad norm and learning rate. ``logit_loops`` /
+    ``compute_logits`` choose what the ``LoopOutput`` holds (see ``forward_backward_loops``).
     """
     started = time.perf_counter()
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics = forward_backward_loops(ddp_model, micro_batches, loss_func, num_loops=num_loops,
-                                     logit_loops=logit_loops, compute_logits=compute_logits)
+    # Only the last pipeline stage computes a loss (other stages may lack its masks).
+    normalizer = LossNormalizer.count(
+        [batch["loss_mask"] for batch in micro_batches],
+        parallel_state.get_data_parallel_group()) \
+        if parallel_state.is_pipeline_last_stage() else None
+    data_parallel = parallel_state.get_data_parallel_world_size()
+
+    def share_of_the_step(micro_batch, output):
+        loss, metrics = loss_func(micro_batch, output, normalizer)
+        metrics.setdefault("loss", loss.detach())
+        # DDP averages gradients over the data-parallel group; the shares must add up instead.
+        return loss * data_parallel, metrics
+
+    metrics = forward_backward_loops(ddp_model, micro_batches, share_of_the_step,
+                                     num_loops=num_loops, logit_loops=logit_loops,
+                                     compute_logits=compute_logits)
     finalize_model_grads([ddp_model])
     backward_done = time.perf_counter()
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)
-    summary = average_metrics(metrics)
+    summary = sum_metrics(metrics)
     summary["time_forward_backward_s"] = backward_done - started
     summary["time_optimizer_s"] = time.perf_counter() - backward_done
     summary["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -129,8 +165,8 @@ def train_step(ddp_model, optimizer, scheduler, micro_batches: Sequence[dict],
     return summary
 
 
-def average_metrics(per_micro_batch: list[dict]) -> dict:
-    """Mean over micro-batches, then over the data-parallel group. Tensors become lists/floats.
+def sum_metrics(per_micro_batch: list[dict]) -> dict:
+    """Sum over micro-batches, then over the data-parallel group. Tensors become lists/floats.
 
     Every metric travels in one flat vector: one all-reduce and one device-to-host copy per
     step, not one per metric (each host copy of a GPU tensor waits for the device).
@@ -140,15 +176,14 @@ def average_metrics(per_micro_batch: list[dict]) -> dict:
     keys = list(per_micro_batch[0])
     device = next((m[key].device for m in per_micro_batch for key in keys
                    if isinstance(m[key], torch.Tensor)), torch.device("cpu"))
-    means = [torch.stack([torch.as_tensor(m[key], dtype=torch.float64, device=device)
-                          for m in per_micro_batch]).mean(0) for key in keys]
-    flat = torch.cat([mean.reshape(-1) for mean in means])
-    data_parallel = parallel_state.get_data_parallel_world_size()
-    if data_parallel > 1:
+    sums = [torch.stack([torch.as_tensor(m[key], dtype=torch.float64, device=device)
+                         for m in per_micro_batch]).sum(0) for key in keys]
+    flat = torch.cat([total.reshape(-1) for total in sums])
+    if parallel_state.get_data_parallel_world_size() > 1:
         torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-        flat /= data_parallel
-    values = flat.cpu().split([mean.numel() for mean in means])
-    return {key: value.view(mean.shape).tolist() for key, value, mean in zip(keys, values, means)}
+    values = flat.cpu().split([total.numel() for total in sums])
+    return {key: value.view(total.shape).tolist()
+            for key, value, total in zip(keys, values, sums)}
 
 
 @torch.no_grad()

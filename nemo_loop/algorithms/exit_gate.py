@@ -110,10 +110,9 @@ def gate_step(state: ExitGateState, step: int) -> dict:
     config = state.config
     micro_batches = state.source.micro_batches(step)
 
-    def loss_func(batch, output, count=len(micro_batches)):
-        loss, metrics = exit_gate_loss(output, batch["labels"], batch["loss_mask"],
-                                       config.gate.slope, config.gate.margin)
-        return loss / count, metrics
+    def loss_func(batch, output, normalizer):
+        return exit_gate_loss(output, batch["labels"], batch["loss_mask"], config.gate.slope,
+                              config.gate.margin, normalizer)
 
     started = time.perf_counter()
     metrics = train_step(state.ddp_model, state.optimizer, state.scheduler, micro_batches,

@@ -6,7 +6,10 @@ group-normalised advantages Â_i = (r_i − mean)/(std + ε) on every token of y
 ``trainer.updates_per_batch`` optimizer steps on the PPO-clip objective at loop R̃ with the
 rollout-time log-probs as π_old (with one update the policy is the one that sampled: ρ = 1 up
 to the engine's numerics and the gradient is the plain policy gradient), plus β·k3 KL to a
-frozen reference (the initial weights; none when β = 0); finally the engine is refit.
+frozen reference (the initial weights; none when β = 0); finally the engine is refit. π_θ,
+π_old and π_ref are all the final loop's distribution at ``rollout.temperature`` (greedy and
+top-k/top-p sampling are refused at load time, :func:`check_sampled_distribution`), and the
+loss is normalized over the whole step (``common.train_step``).
 
 RLTT (``rltt.py``) and OISD (``oisd.py``) are the same loop with another :class:`Objective`: it
 names the loops the loss reads out, computes one micro-batch's loss and may hold trainable
@@ -36,8 +39,7 @@ from nemo_loop.algorithms.rollouts import (
     RolloutBatch,
     RolloutConfig,
     collect_rollouts,
-    global_token_weights,
-    micro_batch_rows,
+    training_rows,
     validate_rollout_run,
 )
 from nemo_loop.algorithms.training_run import (
@@ -50,6 +52,7 @@ from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
 from nemo_loop.generation.backend import GenerationConfig, build_engine
 from nemo_loop.generation.engine import GenerationEngine
+from nemo_loop.losses.normalization import LossNormalizer
 from nemo_loop.losses.policy_gradient import (
     PolicyLossConfig,
     group_advantages,
@@ -69,7 +72,10 @@ class GRPOTrainerConfig(CheckpointedTrainerConfig):
     # save_interval, checkpoint_dir, resume, overwrite, init_from: CheckpointedTrainerConfig
     max_steps: int = 4
     prompts_per_step: int = 4  # global, across data-parallel ranks; G rollouts each
-    micro_batch_size: int = 8  # rollouts per micro-batch
+    micro_batch_size: int = 8  # rollouts per micro-batch (at most, with a token budget)
+    # Token budget of a micro-batch (rows × padded length; NeMo-RL's dynamic batching): rollouts
+    # sorted by length and packed; null: micro_batch_size rollouts each, in order.
+    max_tokens_per_micro_batch: int | None = None
     updates_per_batch: int = 1  # optimizer steps on each batch of rollouts (1: on-policy)
     log_interval: int = 1
     seed: int = 1234
@@ -106,9 +112,27 @@ class GRPOConfig:
         if self.trainer.updates_per_batch < 1:
             raise ValueError(f"trainer.updates_per_batch must be >= 1, got "
                              f"{self.trainer.updates_per_batch}")
+        check_sampled_distribution(self.rollout, self.ALGORITHM)
 
     def checkpoint_root(self) -> Path:
         return checkpoint_root(self)
+
+
+def check_sampled_distribution(rollout: RolloutConfig, algorithm: str) -> None:
+    """The policy gradient is taken on the distribution the rollouts were drawn from: the
+    trainer's log-probs are softmax(logits / rollout.temperature), π_old the engine's log-prob
+    under that same distribution. Greedy decoding and top-k/top-p truncation have no such
+    log-prob on the trainer's side, so they are refused here, before any work."""
+    if rollout.temperature == 0:
+        raise ValueError(
+            f"rollout.temperature=0 (greedy) cannot train {algorithm}: a greedy rollout is a "
+            f"point mass with no log-prob gradient, and the G rollouts of a prompt would be "
+            f"identical (every group-normalised advantage 0); sample with a temperature > 0")
+    if rollout.top_p < 1 or rollout.top_k > 0:
+        raise ValueError(
+            f"rollout.top_p={rollout.top_p} / rollout.top_k={rollout.top_k}: {algorithm}'s "
+            f"ratio π_θ/π_old would compare the full distribution with a truncated one; set "
+            f"rollout.top_p=1 and rollout.top_k=0 (temperature alone is matched exactly)")
 
 
 class Objective:
@@ -145,37 +169,29 @@ class Objective:
     def after_update(self) -> None:
         pass
 
-    def final_logprobs(self, micro_batch: dict, output: LoopOutput
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p^(R̃)(y), entropy) ``[T, b]`` from the last readout of ``output``."""
-        window = micro_batch["response_window"]
-        return token_logprobs(output.readouts[-1, window], self.model.output_weight(),
-                              micro_batch["token_ids"], self.tp_group,
-                              self.config.loss.chunk_size)
+    def logprobs(self, readout: torch.Tensor, micro_batch: dict
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log π(y), entropy) ``[T, b]`` of one loop's readout at the rollout temperature: the
+        distribution the engine sampled from, π_old's."""
+        return token_logprobs(readout[micro_batch["response_window"]],
+                              self.model.output_weight(), micro_batch["token_ids"],
+                              self.tp_group, self.config.loss.chunk_size,
+                              self.config.rollout.temperature)
 
-    def loss(self, micro_batch: dict, output: LoopOutput) -> tuple[torch.Tensor, dict]:
-        logp, entropy = self.final_logprobs(micro_batch, output)
+    def token_weights(self, micro_batch: dict, normalizer: LossNormalizer) -> torch.Tensor:
+        """``[T, b]`` aggregation weights of the response tokens over the whole step."""
+        return normalizer.weights(micro_batch["loss_mask"], self.config.loss.aggregation).t()
+
+    def loss(self, micro_batch: dict, output: LoopOutput, normalizer: LossNormalizer
+             ) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's share of the step's loss and metrics (``train_step``'s
+        contract)."""
+        weights = self.token_weights(micro_batch, normalizer)
+        logp, entropy = self.logprobs(output.readouts[-1], micro_batch)
         loss, metrics = grpo_loss(logp, micro_batch["old_logprobs"], micro_batch["advantages"],
-                                  micro_batch["weights"], self.config.loss,
-                                  micro_batch.get("reference_logprobs"))
-        metrics["entropy"] = (micro_batch["weights"] * entropy).sum()
-        return scaled(loss, metrics, micro_batch)
-
-
-def scaled(loss: torch.Tensor, metrics: dict, micro_batch: dict,
-           reported_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """The loss to back-propagate and metrics that ``train_step`` averages into global values.
-
-    The token weights sum to 1 over all ranks' tokens, so Σ w·ℓ summed over this rank's
-    micro-batches and over ranks is the global loss; DDP averages gradients over the DP group,
-    hence the factor DP on the loss. ``train_step`` averages metrics over micro-batches and
-    ranks, hence the factor DP × micro-batches on the metrics. ``reported_loss`` is the value
-    to log when this rank back-propagates only its share of a term (OISD's attention heads).
-    """
-    metrics = {name: value * micro_batch["metric_scale"] for name, value in metrics.items()}
-    reported = (loss if reported_loss is None else reported_loss).detach()
-    metrics["loss"] = reported * micro_batch["metric_scale"]
-    return loss * micro_batch["loss_scale"], metrics
+                                  weights, self.config.loss, micro_batch.get("reference_logprobs"))
+        metrics["entropy"] = (weights * entropy).sum()
+        return loss, metrics
 
 
 @dataclass
@@ -235,34 +251,23 @@ def save(state: GRPOState) -> Path:
 
 
 def policy_micro_batches(state: GRPOState, rollouts: RolloutBatch) -> list[dict]:
-    """This rank's micro-batches: aligned sequences, response ids/mask, aggregation weights,
-    rollout-time log-probs (π_old) and group-normalised advantages."""
+    """This rank's micro-batches (:meth:`RolloutBatch.micro_batch`: aligned sequences, response
+    ids, loss mask, rollout-time log-probs as π_old) with group-normalised advantages."""
     config = state.config
-    pad = state.tokenizer.pad_id
-    batch = rollouts.sequences(pad)
-    token_ids, loss_mask = rollouts.targets(batch.response_length, pad)
-    weights = global_token_weights(loss_mask, config.loss.aggregation)
-    old_logprobs = rollouts.rollout_logprobs(batch.response_length)
     advantages = group_advantages(rollouts.rewards(), rollouts.samples_per_prompt,
                                   config.loss.advantage_eps)
-    rows = micro_batch_rows(len(rollouts), config.trainer.micro_batch_size)
-    data_parallel = parallel_state.get_data_parallel_world_size()
     micro_batches = []
-    for index, row in enumerate(rows):
-        micro_batch = batch.as_micro_batch(row)
-        micro_batch.update(
-            token_ids=token_ids[:, row], loss_mask=loss_mask[:, row], weights=weights[:, row],
-            old_logprobs=old_logprobs[:, row], advantages=advantages[row],
-            rollouts=rollouts.rollouts[row], response_window=batch.response_window,
-            prompt_length=batch.prompt_length, index=index, num_micro_batches=len(rows),
-            loss_scale=data_parallel, metric_scale=data_parallel * len(rows), step=state.step)
+    for rows in training_rows(rollouts, config.trainer):
+        micro_batch = rollouts.micro_batch(rows, state.tokenizer.pad_id)
+        micro_batch.update(advantages=advantages[rows], step=state.step)
         micro_batches.append(micro_batch)
     return micro_batches
 
 
 @torch.no_grad()
 def add_reference_logprobs(state: GRPOState, micro_batches: list[dict]) -> None:
-    """log π_ref(y) at loop R̃ of the frozen reference, per micro-batch (for the k3 KL)."""
+    """log π_ref(y) at loop R̃ of the frozen reference and the rollout temperature, per
+    micro-batch (for the k3 KL)."""
     reference, loops = state.reference_model, state.config.rollout.student_loops
     outputs = forward_backward_loops(reference, micro_batches, None, num_loops=loops,
                                      logit_loops=[loops], compute_logits=False, forward_only=True)
@@ -270,7 +275,7 @@ def add_reference_logprobs(state: GRPOState, micro_batches: list[dict]) -> None:
     for micro_batch, output in zip(micro_batches, outputs):
         logp, _ = token_logprobs(output.readouts[-1, micro_batch["response_window"]],
                                  reference.output_weight(), micro_batch["token_ids"], group,
-                                 state.config.loss.chunk_size)
+                                 state.config.loss.chunk_size, state.config.rollout.temperature)
         micro_batch["reference_logprobs"] = logp
 
 

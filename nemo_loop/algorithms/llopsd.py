@@ -24,10 +24,11 @@ from nemo_loop.algorithms.common import (
     update_ema,
 )
 from nemo_loop.algorithms.rollouts import (
+    RolloutBatch,
     RolloutConfig,
     collect_rollouts,
     dp_mean,
-    micro_batch_rows,
+    training_rows,
     validate_rollout_run,
 )
 from nemo_loop.algorithms.teacher_context import (
@@ -45,7 +46,7 @@ from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
 from nemo_loop.generation.backend import GenerationConfig, build_engine
 from nemo_loop.generation.engine import GenerationEngine
-from nemo_loop.losses import LoopDistillConfig, fused_head_distillation_loss
+from nemo_loop.losses import LoopDistillConfig, LossNormalizer, fused_head_distillation_loss
 from nemo_loop.models.looplm.config import LoopModelConfig
 from nemo_loop.models.looplm.pipeline import forward_backward_loops
 from nemo_loop.tasks import Task, TaskConfig, build_task
@@ -68,7 +69,11 @@ class LLOPSDTrainerConfig(CheckpointedTrainerConfig):
     # (init_from: e.g. the `model/` folder of recipes/convert_ouro.py import or of pretraining).
     max_steps: int = 4
     prompts_per_step: int = 4  # global, across data-parallel ranks
-    micro_batch_size: int = 2
+    micro_batch_size: int = 2  # rollouts per micro-batch (at most, with a token budget)
+    # Token budget of a micro-batch (rows × padded length; NeMo-RL's dynamic batching): rollouts
+    # sorted by length and packed; null: micro_batch_size rollouts each, in order. The teacher's
+    # forward takes the same rows (its context makes them longer).
+    max_tokens_per_micro_batch: int | None = None
     log_interval: int = 1
     seed: int = 1234
 
@@ -156,66 +161,71 @@ def teacher_of(state: LLOPSDState) -> torch.nn.Module:
     return state.teacher_model or unwrap_model(state.ddp_model)
 
 
-def teacher_readouts_for(state: LLOPSDState, teacher_batch, response_rows: list[slice],
+@torch.no_grad()
+def teacher_readouts_for(state: LLOPSDState, teacher_micro_batches: list[dict],
                          teacher_loops: list[int]) -> list[torch.Tensor]:
     """Teacher readouts [n mapped loops, T, b, h] over the response window, per micro-batch.
 
     Not logits: the loss forms them chunk by chunk through the teacher's head, so the
     [n, T, b, V/TP] teacher logits never exist (readouts are V/(TP·h) times smaller)."""
-    teacher = teacher_of(state)
-    micro_batches = [teacher_batch.as_micro_batch(rows) for rows in response_rows]
-    with torch.no_grad():
-        outputs = forward_backward_loops(teacher, micro_batches, None,
-                                         num_loops=max(teacher_loops), logit_loops=teacher_loops,
-                                         compute_logits=False, forward_only=True)
-        window = teacher_batch.response_window
-        return [output.readouts[:, window] for output in outputs]
+    outputs = forward_backward_loops(teacher_of(state), teacher_micro_batches, None,
+                                     num_loops=max(teacher_loops), logit_loops=teacher_loops,
+                                     compute_logits=False, forward_only=True)
+    return [output.readouts[:, batch["response_window"]]
+            for output, batch in zip(outputs, teacher_micro_batches)]
 
 
 def llopsd_step(state: LLOPSDState) -> dict:
-    config = state.config
-    timings = {}
     started = time.perf_counter()
-    rollouts = collect_rollouts(state)
-    timings["time_generate_s"] = time.perf_counter() - started
+    return train_on_rollouts(state, collect_rollouts(state), started)
 
+
+def train_on_rollouts(state: LLOPSDState, rollouts: RolloutBatch,
+                      started: float | None = None) -> dict:
+    """The teacher's readouts, one optimizer step on this rank's rollouts, the EMA and the
+    engine refit; the step is counted. ``started``: when the step began (default: when the
+    rollouts' generation did)."""
+    config = state.config
+    generated = time.perf_counter()
+    started = generated - rollouts.generate_seconds if started is None else started
+    timings = {"time_generate_s": generated - started}
     # None: no context for this rollout (sdpo without a correct sibling or feedback); its
     # teacher row reads the plain prompt and the rollout is masked out of the loss.
     contexts = teacher_contexts(rollouts, state.task, config.teacher.context)
     teacher_prompts = [state.tokenizer.encode_prompt(r.record.problem, context)
                        for r, context in zip(rollouts.rollouts, contexts)]
     pad = state.tokenizer.pad_id
-    student_batch = rollouts.sequences(pad)
-    teacher_batch = rollouts.sequences(pad, prompts=teacher_prompts)
-    response_ids, loss_mask = rollouts.targets(student_batch.response_length, pad)
-    loss_mask[:, torch.tensor([context is None for context in contexts])] = 0.0
-    rows = micro_batch_rows(len(rollouts), config.trainer.micro_batch_size)
+    rows = training_rows(rollouts, config.trainer)
     mapping = config.loss.teacher_loop_for_each_student_loop(config.rollout.student_loops,
                                                              config.model.num_loops)
     teacher_loops = sorted(set(mapping))
 
     phase = time.perf_counter()
-    teacher_readouts = teacher_readouts_for(state, teacher_batch, rows, teacher_loops)
+    teacher_readouts = teacher_readouts_for(
+        state, [rollouts.micro_batch(group, pad, prompts=teacher_prompts) for group in rows],
+        teacher_loops)
     timings["time_teacher_s"] = time.perf_counter() - phase
 
+    masked = torch.tensor([context is None for context in contexts])
     student_micro_batches = []
-    for index, row in enumerate(rows):
-        micro_batch = student_batch.as_micro_batch(row)
-        micro_batch.update(loss_mask=loss_mask[:, row], response_ids=response_ids[:, row],
-                           teacher_readouts=teacher_readouts[index])
+    for group, readouts in zip(rows, teacher_readouts):
+        micro_batch = rollouts.micro_batch(group, pad)
+        micro_batch["loss_mask"][masked[group]] = 0.0
+        micro_batch["teacher_readouts"] = readouts
         student_micro_batches.append(micro_batch)
     student = unwrap_model(state.ddp_model)
     # read before the optimizer step: a self-teacher's head is the student's own weight
     teacher_head = teacher_of(state).output_weight()
-    window = student_batch.response_window
-    loss_config = config.loss
 
-    def loss_func(micro_batch, output):
-        loss, metrics = distillation_loss(loss_config, student, output.readouts[:, window],
+    def loss_func(micro_batch, output, normalizer):
+        loss, metrics = distillation_loss(config.loss, student,
+                                          output.readouts[:, micro_batch["response_window"]],
                                           micro_batch, teacher_loops, config.model.num_loops,
-                                          teacher_head)
-        metrics["loss"] = loss.detach()
-        return loss / len(student_micro_batches), metrics
+                                          teacher_head, normalizer)
+        # α as a share too (the micro-batch's weight mass), so the step reports its weighted α
+        metrics["loop_weights"] = metrics["loop_weights"] * normalizer.weights(
+            micro_batch["loss_mask"], config.loss.aggregation).sum()
+        return loss, metrics
 
     # The loss reads the readouts through the fused head: no [R̃, s, b, V/TP] logits needed.
     metrics = train_step(state.ddp_model, state.optimizer, state.scheduler,
@@ -236,9 +246,10 @@ def llopsd_step(state: LLOPSDState) -> dict:
     metrics.update(rollouts.metrics())
     metrics.update({key: dp_mean(value) for key, value in
                     context_metrics(contexts, config.teacher.context.kind).items()})
+    trained_tokens = sum(float(batch["loss_mask"].sum()) for batch in student_micro_batches)
     metrics.update(
         step_time_s=elapsed,
-        training_tokens_per_s=float(loss_mask.sum()) / max(
+        training_tokens_per_s=trained_tokens / max(
             timings["time_teacher_s"] + timings["time_student_s"], 1e-9),
         refit_s=getattr(refit, "seconds", float("nan")),
     )
@@ -248,17 +259,19 @@ def llopsd_step(state: LLOPSDState) -> dict:
 
 def distillation_loss(loss_config: LoopDistillConfig, student, readouts: torch.Tensor,
                       micro_batch: dict, teacher_loops: list[int], num_teacher_loops: int,
-                      teacher_head: torch.Tensor):
+                      teacher_head: torch.Tensor, normalizer: LossNormalizer | None = None):
     """The student's loss on its response-window readouts ``[R̃, T, b, h]`` through the fused
     head: the divergence over the whole vocabulary (``loss.objective: full``) or OPSD's
-    sampled-token objective on the rollout's own tokens (``sampled_token``). The teacher's
-    readouts go through ``teacher_head`` (its output weight shard) inside the loss as well."""
+    sampled-token objective on the rollout's own tokens (``sampled_token``), normalized by the
+    step's counts. The teacher's readouts go through ``teacher_head`` (its output weight shard)
+    inside the loss as well."""
     sampled = loss_config.objective == "sampled_token"
     return fused_head_distillation_loss(
         readouts, student.output_weight(), micro_batch["teacher_readouts"],
-        micro_batch["loss_mask"], loss_config, parallel_state.get_tensor_model_parallel_group(),
+        micro_batch["loss_mask"].t(), loss_config,
+        parallel_state.get_tensor_model_parallel_group(), normalizer=normalizer,
         teacher_loop_ids=teacher_loops, num_teacher_loops=num_teacher_loops,
-        token_ids=micro_batch["response_ids"] if sampled else None,
+        token_ids=micro_batch["token_ids"] if sampled else None,
         teacher_output_weight=teacher_head)
 
 

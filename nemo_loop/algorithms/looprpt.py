@@ -54,6 +54,7 @@ from nemo_loop.losses.looprpt import (
     looprpt_loss,
     teacher_reference,
 )
+from nemo_loop.losses.normalization import LossNormalizer
 from nemo_loop.losses.token_logprobs import token_logprobs
 from nemo_loop.models.looplm.model import exit_log_distribution
 from nemo_loop.models.looplm.pipeline import forward_backward_loops
@@ -179,22 +180,29 @@ def teacher_references(teacher, micro_batches: list[dict], config: LoopRPTConfig
 def rollout_batch(batch: dict, reference: TeacherReference | None, rows: range, step: int,
                   config: LoopRPTConfig) -> dict:
     """The student's micro-batch: the b clean sequences then G noisy copies of them
-    (copy-major), the latent noise, the exit draws and the teacher's reference."""
+    (copy-major), the latent noise, the exit draws and the teacher's reference. Its
+    ``loss_mask`` (``[b, s]``, what ``train_step`` normalizes by) is the teacher's hard tokens;
+    ``token_mask`` keeps every target token for the metrics over all of them."""
     copies = config.looprpt.num_rollouts
     expanded = {key: batch[key].repeat(copies + 1, *([1] * (batch[key].dim() - 1)))
                 for key in ("input_ids", "position_ids", "attention_mask") if key in batch}
     seq = batch["input_ids"].shape[1]
     expanded.update(
-        labels=batch["labels"], loss_mask=batch["loss_mask"], teacher=reference,
+        labels=batch["labels"], token_mask=batch["loss_mask"], teacher=reference,
         readout_transform=LatentNoise(config.looprpt.noise_std, rows, copies,
                                       config.trainer.seed, step),
         exit_uniforms=exit_uniforms(rows, copies, seq, config.trainer.seed, step))
+    if reference is not None:  # the last pipeline stage
+        expanded["loss_mask"] = reference.hard.t().to(batch["loss_mask"])
     return expanded
 
 
-def micro_batch_loss(student, batch: dict, output, settings: LoopRPTSettings):
-    """LoopRPT's loss on one student micro-batch (every row, every loop through the fused
-    head), plus per-loop accuracy on all and on hard tokens of the clean rows."""
+def micro_batch_loss(student, batch: dict, output, config: LoopRPTConfig,
+                     normalizer: LossNormalizer, token_normalizer: LossNormalizer):
+    """This micro-batch's share of the step's LoopRPT loss (every row, every loop through the
+    fused head; the hard tokens weighted over the whole step by ``normalizer``), plus per-loop
+    accuracy on all tokens (weighted by ``token_normalizer``) and on hard tokens of the clean
+    rows."""
     tp_group = parallel_state.get_tensor_model_parallel_group()
     readouts = output.readouts  # [R, s, (1+G)·b, h]
     targets = batch["labels"].t().to(readouts.device)  # [s, b]
@@ -203,18 +211,19 @@ def micro_batch_loss(student, batch: dict, output, settings: LoopRPTSettings):
     logp, _ = token_logprobs(readouts, student.output_weight(),
                              rows.expand(readouts.shape[0], *rows.shape), tp_group)
     reference = batch["teacher"]
-    loss_mask = batch["loss_mask"].t().to(logp)
+    aggregation = config.loss.aggregation
+    hard_weights = normalizer.weights(batch["loss_mask"], aggregation).t().to(logp)
+    token_weights = token_normalizer.weights(batch["token_mask"], aggregation).t().to(logp)
     loss, metrics = looprpt_loss(logp, exit_log_distribution(output.exit_logits), reference,
-                                 batch["exit_uniforms"].to(logp.device), loss_mask, settings)
+                                 batch["exit_uniforms"].to(logp.device),
+                                 batch["token_mask"].t().to(logp), config.looprpt,
+                                 hard_weights, token_weights)
     with torch.no_grad():
         correct = torch.stack([gold_is_argmax(student.logits(readout[None, :, :clean])[0],
                                               targets, tp_group)
                                for readout in readouts]).to(logp)  # [R, s, b]
-        hard = reference.hard.to(logp)
-        metrics["accuracy_per_loop"] = (correct * loss_mask).sum((1, 2)) / loss_mask.sum(
-        ).clamp_min(1.0)
-        metrics["hard_accuracy_per_loop"] = (correct * hard).sum((1, 2)) / hard.sum(
-        ).clamp_min(1.0)
+        metrics["accuracy_per_loop"] = (correct * token_weights).sum((1, 2))
+        metrics["hard_accuracy_per_loop"] = (correct * hard_weights).sum((1, 2))
     return loss, metrics
 
 
@@ -223,16 +232,20 @@ def looprpt_step(state: LoopRPTState, step: int) -> dict:
     started = time.perf_counter()
     clean = state.source.micro_batches(step)
     references = teacher_references(state.teacher, clean, config)
-    if not references:  # not the last pipeline stage: no loss here
+    last_stage = bool(references)
+    if not last_stage:  # no loss here
         references = [None] * len(clean)
     teacher_done = time.perf_counter()
     batches = [rollout_batch(batch, reference, rows, step, config)
                for batch, reference, rows in zip(clean, references, my_rows(config, step))]
     student = unwrap_model(state.ddp_model)
+    # The metrics over all target tokens are normalized by their own step-wide count.
+    token_normalizer = LossNormalizer.count(
+        [batch["loss_mask"] for batch in clean],
+        parallel_state.get_data_parallel_group()) if last_stage else None
 
-    def loss_func(batch, output):
-        loss, metrics = micro_batch_loss(student, batch, output, config.looprpt)
-        return loss / len(batches), metrics
+    def loss_func(batch, output, normalizer):
+        return micro_batch_loss(student, batch, output, config, normalizer, token_normalizer)
 
     metrics = train_step(state.ddp_model, state.optimizer, state.scheduler, batches, loss_func)
     ema_started = time.perf_counter()

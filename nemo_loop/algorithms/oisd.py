@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nemo_loop.algorithms.grpo import GRPOConfig, Objective, scaled, train_policy
+from nemo_loop.algorithms.grpo import GRPOConfig, Objective, train_policy
 from nemo_loop.losses.oisd import (
     OISDLossConfig,
     attention_jsd,
     logit_lens_jsd,
     sample_attention_steps,
 )
-from nemo_loop.losses.policy_gradient import grpo_loss
 from nemo_loop.models.looplm.attention_probe import AttentionProbe
 
 
@@ -65,13 +64,10 @@ class OISDObjective(Objective):
     def recording(self):
         return super().recording() if self.probe is None else self.probe
 
-    def loss(self, micro_batch: dict, output) -> tuple[torch.Tensor, dict]:
-        weights, window = micro_batch["weights"], micro_batch["response_window"]
-        logp, entropy = self.final_logprobs(micro_batch, output)
-        loss, metrics = grpo_loss(logp, micro_batch["old_logprobs"], micro_batch["advantages"],
-                                  weights, self.config.loss,
-                                  micro_batch.get("reference_logprobs"))
-        metrics["entropy"] = (weights * entropy).sum()
+    def loss(self, micro_batch: dict, output, normalizer) -> tuple[torch.Tensor, dict]:
+        loss, metrics = super().loss(micro_batch, output, normalizer)
+        weights, window = self.token_weights(micro_batch, normalizer), \
+            micro_batch["response_window"]
         clip = self.settings.advantage_clip
         clipped = micro_batch["advantages"].clamp(-clip, clip)
         if self.settings.logit_coef > 0:
@@ -79,21 +75,21 @@ class OISDObjective(Objective):
                 final_logits = self.model.logits(output.readouts[-1:, window])
             logit_term, per_loop = logit_lens_jsd(
                 output.readouts[:-1, window], self.model.output_weight(), final_logits,
-                micro_batch["loss_mask"], weights * clipped[None], self.settings.temperature,
+                micro_batch["loss_mask"].t(), weights * clipped[None], self.settings.temperature,
                 self.tp_group, self.config.loss.chunk_size)
             loss = loss + self.settings.logit_coef * logit_term
             metrics["oisd_logit_term"] = logit_term.detach()
             metrics["oisd_logit_term_per_loop"] = per_loop
-        reported_loss = loss
+        metrics["loss"] = loss.detach()
         if self.probe is not None:
             # This rank's heads only: their sum over TP ranks is the head average.
             attention_term = self._attention_term(micro_batch, weights.sum(0) * clipped)
             every_head = attention_term.detach().clone()
             torch.distributed.all_reduce(every_head, group=self.tp_group)
             metrics["oisd_attention_term"] = every_head
-            reported_loss = loss.detach() + self.settings.attention_coef * every_head
+            metrics["loss"] = metrics["loss"] + self.settings.attention_coef * every_head
             loss = loss + self.settings.attention_coef * attention_term
-        return scaled(loss, metrics, micro_batch, reported_loss)
+        return loss, metrics
 
     def _attention_term(self, micro_batch: dict, sequence_weights: torch.Tensor
                         ) -> torch.Tensor:

@@ -25,6 +25,7 @@ from nemo_loop.algorithms.training_run import (
 )
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.sequences import teacher_forced_batch
+from nemo_loop.losses.normalization import LossNormalizer, check_aggregation
 from nemo_loop.losses.ouro_pretrain import ouro_pretraining_loss
 from nemo_loop.models.looplm.config import LoopModelConfig
 from nemo_loop.tasks import Task, TaskConfig, build_task
@@ -48,11 +49,22 @@ class TrainerConfig(CheckpointedTrainerConfig):
 
 
 @dataclass
+class PretrainLossConfig:
+    # token_mean | sequence_mean over the loss-mask tokens of the whole step (all micro-batches
+    # and data-parallel ranks, nemo_loop.losses.normalization)
+    aggregation: str = "token_mean"
+
+    def validate(self) -> None:
+        check_aggregation("loss.aggregation", self.aggregation)
+
+
+@dataclass
 class PretrainConfig:
     model: LoopModelConfig = field(default_factory=LoopModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: PretrainLossConfig = field(default_factory=PretrainLossConfig)
     # The synthetic task (data.source=task: training sequences and held-out problems).
     task: TaskConfig = field(default_factory=lambda: TaskConfig(name="shell_game"))
     # Where training sequences come from: the task, or a tokenized text corpus (data.text).
@@ -69,6 +81,7 @@ class PretrainConfig:
         corpus)."""
         self.model.validate(self.parallel.tensor_parallel, self.parallel.pipeline_parallel)
         self.optim.validate()
+        self.loss.validate()
         self.checkpoint.validate()
         self.trainer.validate_checkpointing()
         self.wandb.validate()
@@ -150,15 +163,10 @@ def pretrain(config: PretrainConfig) -> list[dict]:
     with run.loop(format_step) as loop:
         for step in range(run.start_step + 1, max_steps + 1):
             micro_batches = data.micro_batches(step)
-
-            def loss_func(batch, output, count=len(micro_batches)):
-                loss, metrics = ouro_pretraining_loss(output, batch["labels"],
-                                                      batch["loss_mask"],
-                                                      config.trainer.entropy_beta)
-                return loss / count, metrics
-
             started = time.perf_counter()
-            metrics = train_step(ddp_model, optimizer, scheduler, micro_batches, loss_func)
+            metrics = train_step(ddp_model, optimizer, scheduler, micro_batches,
+                                 lambda batch, output, normalizer: ouro_loss(
+                                     config, batch, output, normalizer))
             metrics["step_time_s"] = time.perf_counter() - started
             metrics.update(step_flops.teacher_forced(config, micro_batches,
                                                      config.model.num_loops, None,
@@ -179,6 +187,13 @@ def pretrain(config: PretrainConfig) -> list[dict]:
                              metrics.get("loss"))
     run.save_final_model(unwrap_model(ddp_model))
     return history
+
+
+def ouro_loss(config: PretrainConfig, batch: dict, output, normalizer: LossNormalizer):
+    """A micro-batch's share of the step's Ouro loss Σ_r p_r·CE_r − β·H(p) (``train_step``'s
+    contract)."""
+    return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"],
+                                 config.trainer.entropy_beta, normalizer, config.loss.aggregation)
 
 
 class TaskSource:

@@ -4,7 +4,7 @@ gradient summed over the loops of the latent trajectory.
     L = −(1/G) Σ_i (1/|y_i|) Σ_j Σ_t ω_t · log p^(t)(y_ij | x, y_i,<j) · Â_i  +  β · k3 KL at loop R̃
 
 Each loop's log-prob is taken on the sampled token through the shared head (fused over the
-TP-sharded vocabulary). Loop weights ``rltt.weighting``:
+TP-sharded vocabulary) at the rollout temperature. Loop weights ``rltt.weighting``:
 
 * ``uniform``: ω_t = 1/R̃;
 * ``progressive``: ω_t = t^γ / Σ_s s^γ (``rltt.gamma``);
@@ -27,13 +27,12 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from nemo_loop.algorithms.grpo import GRPOConfig, Objective, scaled, train_policy
+from nemo_loop.algorithms.grpo import GRPOConfig, Objective, train_policy
 from nemo_loop.losses.policy_gradient import (
     RLTT_WEIGHTINGS,
     rltt_loop_weights,
     rltt_loss,
 )
-from nemo_loop.losses.token_logprobs import token_logprobs
 
 
 @dataclass
@@ -134,21 +133,20 @@ class RLTTObjective(Objective):
             "step": torch.tensor(saved["step"], dtype=torch.float32),
             "exp_avg": as_tensor(saved["exp_avg"]), "exp_avg_sq": as_tensor(saved["exp_avg_sq"])}
 
-    def loss(self, micro_batch: dict, output) -> tuple[torch.Tensor, dict]:
-        window, ids = micro_batch["response_window"], micro_batch["token_ids"]
-        per_loop, entropies = zip(*[
-            token_logprobs(readout[window], self.model.output_weight(), ids, self.tp_group,
-                           self.config.loss.chunk_size) for readout in output.readouts])
+    def loss(self, micro_batch: dict, output, normalizer) -> tuple[torch.Tensor, dict]:
+        weights = self.token_weights(micro_batch, normalizer)
+        per_loop, entropies = zip(*[self.logprobs(readout, micro_batch)
+                                    for readout in output.readouts])
+        window = micro_batch["response_window"]
         omega = rltt_loop_weights(
             self.weighting.weighting, self.student_loops, gamma=self.weighting.gamma,
             exit_probs=output.exit_probs[:, window] if self.weighting.weighting == "exit_pdf"
             else None,
             learned_logits=None if self.learned is None else self.learned.logits)
         loss, metrics = rltt_loss(torch.stack(per_loop), omega, micro_batch["advantages"],
-                                  micro_batch["weights"], self.config.loss.kl_coef,
-                                  micro_batch.get("reference_logprobs"))
-        metrics["entropy"] = (micro_batch["weights"] * entropies[-1]).sum()
-        return scaled(loss, metrics, micro_batch)
+                                  weights, self.config.loss, micro_batch.get("reference_logprobs"))
+        metrics["entropy"] = (weights * entropies[-1]).sum()
+        return loss, metrics
 
 
 def train(config: RLTTConfig) -> list[dict]:

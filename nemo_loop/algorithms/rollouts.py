@@ -7,9 +7,12 @@ correct response and 0 otherwise. Every :class:`Rollout` knows its prompt group 
 verdict, so an algorithm can normalise rewards within a group (GRPO) or look at a sibling's
 outcome (SDPO's sibling context).
 
-Then the rollouts become aligned prompt+response batches (``nemo_loop.data.sequences``: prompts
-left-padded, responses right-padded, so response token j of every row sits in the same column)
-with ``[T, n]`` response ids, loss mask and rollout-time log-probs.
+Then the rollouts become micro-batches of aligned prompt+response rows
+(``nemo_loop.data.sequences``: prompts left-padded, responses right-padded, so response token j
+of every row sits in the same column), each padded to its own longest prompt and response, with
+``[T, b]`` response ids and rollout-time log-probs and the ``[b, T]`` loss mask; which rows share
+a micro-batch is ``trainer.micro_batch_size`` (consecutive rows) or, with
+``trainer.max_tokens_per_micro_batch``, a token budget (rows sorted by length and packed).
 
 Data parallelism: each rank generates for its share of the step's prompts, whole groups only,
 so everything a group needs stays on one rank. With G = 1 the prompts, the seeds and therefore
@@ -25,10 +28,11 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
+from nemo_loop.algorithms.common import check_token_budget
 from nemo_loop.algorithms.training_run import validate_run_sections
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptRecord, PromptSampler
-from nemo_loop.data.sequences import PromptResponseBatch, build_batch, response_targets
+from nemo_loop.data.sequences import build_batch, micro_batch_rows, response_targets
 from nemo_loop.generation.engine import GenerationEngine, SamplingConfig
 from nemo_loop.tasks import Task
 from nemo_loop.tasks.answers import Verdict
@@ -56,9 +60,10 @@ class Rollout:
     record: PromptRecord
     prompt: list[int]  # the student's prompt ids
     response: list[int]
-    # log π_θ(y_j | x, y_<j) at rollout time: the final loop R̃, temperature 1, full vocabulary
-    # (GenerationResult.logprobs), i.e. π_old of a PPO ratio.
-    logprobs: list[float]
+    # log π_old(y_j | x, y_<j): the final loop R̃'s log-prob under the distribution the engine
+    # sampled from (GenerationResult.sampling_logprobs: at rollout.temperature), π_old of a PPO
+    # ratio whose π_θ the trainer computes at the same temperature.
+    sampling_logprobs: list[float]
     text: str
     verdict: Verdict
 
@@ -100,23 +105,27 @@ class RolloutBatch:
     def rewards(self) -> torch.Tensor:
         return torch.tensor([rollout.reward for rollout in self.rollouts], dtype=torch.float64)
 
-    def sequences(self, pad_id: int, prompts: list[list[int]] | None = None
-                  ) -> PromptResponseBatch:
-        """Aligned prompt+response rows; ``prompts`` replaces the student prompts (a teacher's
-        context + prompt) while the responses, hence the response window, stay the same."""
-        prompts = [r.prompt for r in self.rollouts] if prompts is None else prompts
-        return build_batch(prompts, [r.response for r in self.rollouts], pad_id)
-
-    def targets(self, response_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response ids and loss mask, both ``[T, n]``."""
-        return response_targets([r.response for r in self.rollouts], response_length, pad_id)
-
-    def rollout_logprobs(self, response_length: int) -> torch.Tensor:
-        """``[T, n]`` rollout-time log-probs (0 past each response's end)."""
-        values = torch.zeros(response_length, len(self.rollouts), dtype=torch.float32)
-        for column, rollout in enumerate(self.rollouts):
-            values[:len(rollout.logprobs), column] = torch.tensor(rollout.logprobs)
-        return values
+    def micro_batch(self, rows: list[int], pad_id: int,
+                    prompts: list[list[int]] | None = None) -> dict:
+        """The rollouts ``rows`` as one micro-batch, padded to their own longest prompt and
+        response: ``input_ids``/``position_ids``/``attention_mask``, ``response_window`` (the
+        columns predicting the response), ``prompt_length``, ``token_ids`` ``[T, b]``,
+        ``old_logprobs`` ``[T, b]`` (π_old, 0 past each end), ``loss_mask`` ``[b, T]``
+        (batch-first: the ``train_step`` contract) and the ``rollouts`` themselves.
+        ``prompts`` (indexed like the rollouts) replaces the student prompts — a teacher's
+        context + prompt — while the responses, hence ``T``, stay the same."""
+        chosen = [self.rollouts[i] for i in rows]
+        own_prompts = [r.prompt for r in chosen] if prompts is None else [prompts[i] for i in rows]
+        responses = [r.response for r in chosen]
+        batch = build_batch(own_prompts, responses, pad_id)
+        token_ids, mask = response_targets(responses, batch.response_length, pad_id)
+        old_logprobs = torch.zeros(batch.response_length, len(chosen), dtype=torch.float32)
+        for column, rollout in enumerate(chosen):
+            old_logprobs[:len(rollout.sampling_logprobs), column] = torch.tensor(
+                rollout.sampling_logprobs)
+        return dict(batch.as_micro_batch(slice(None)), response_window=batch.response_window,
+                    prompt_length=batch.prompt_length, token_ids=token_ids,
+                    old_logprobs=old_logprobs, loss_mask=mask.t(), rollouts=chosen)
 
     def metrics(self) -> dict:
         """Rollout length, accuracy (= mean reward) and the share of groups whose rewards all
@@ -171,7 +180,8 @@ def generate_rollouts(engine: GenerationEngine, task: Task, tokenizer: ChatToken
         record = records[group]
         text = tokenizer.decode(list(result.token_ids))
         rollouts.append(Rollout(group, sample, record, prompts[group], list(result.token_ids),
-                                list(result.logprobs), text, task.check(text, record.answer)))
+                                list(result.sampling_logprobs), text,
+                                task.check(text, record.answer)))
     return RolloutBatch(rollouts, group_size, seconds)
 
 
@@ -213,52 +223,23 @@ def validate_rollout_run(config, world_size: int | None, check_paths: bool,
                          f"(recipes/evaluate.py)")
     if trainer.max_steps < 1 or trainer.micro_batch_size < 1:
         raise ValueError("trainer.max_steps and trainer.micro_batch_size must be >= 1")
-    if world_size is not None:
-        check_batch_sizes(trainer.prompts_per_step, config.rollout.samples_per_prompt,
-                          trainer.micro_batch_size, parallel.data_parallel(world_size))
+    check_token_budget(trainer.max_tokens_per_micro_batch, config.model.max_sequence_length)
+    data_parallel = None if world_size is None else parallel.data_parallel(world_size)
+    if data_parallel is not None and trainer.prompts_per_step % data_parallel:
+        raise ValueError(f"trainer.prompts_per_step {trainer.prompts_per_step} is not divisible "
+                         f"by data_parallel {data_parallel} (each rank takes whole prompt "
+                         f"groups)")
 
 
-# ----- micro-batches and normalisers -----
+# ----- micro-batches -----
 
-def check_batch_sizes(prompts_per_step: int, samples_per_prompt: int, micro_batch_size: int,
-                      data_parallel: int) -> None:
-    """Every DP rank gets whole prompt groups, and its rollouts split into full micro-batches."""
-    if prompts_per_step % data_parallel:
-        raise ValueError(f"trainer.prompts_per_step {prompts_per_step} is not divisible by "
-                         f"data_parallel {data_parallel} (each rank takes whole prompt groups)")
-    per_rank = prompts_per_step // data_parallel * samples_per_prompt
-    if per_rank % micro_batch_size:
-        raise ValueError(
-            f"trainer.prompts_per_step {prompts_per_step} × rollout.samples_per_prompt "
-            f"{samples_per_prompt} / data_parallel {data_parallel} = {per_rank} rollouts per rank "
-            f"is not divisible by micro_batch_size {micro_batch_size} (micro_batch_size × "
-            f"data_parallel = {micro_batch_size} × {data_parallel} must divide the rollouts)")
-
-
-def micro_batch_rows(num_rows: int, micro_batch_size: int) -> list[slice]:
-    return [slice(i, i + micro_batch_size) for i in range(0, num_rows, micro_batch_size)]
-
-
-def global_token_weights(loss_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """``[T, n]`` weights of this rank's response tokens such that Σ weights · x over every
-    rank's tokens is the global mean of x: ``token_mean`` = 1/(all response tokens),
-    ``sequence_mean`` = 1/(|y_i| · all sequences). Counts are summed over the DP group, so a
-    loss Σ w·ℓ (times the DP size, which DDP's gradient averaging divides out) is the same
-    number whatever the data-parallel layout."""
-    mask = loss_mask.double()
-    lengths = mask.sum(0)
-    counts = torch.stack([mask.sum(), (lengths > 0).sum().double()])
-    if parallel_state.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-    tokens, sequences = counts.clamp_min(1).tolist()
-    if aggregation == "token_mean":
-        weights = mask / tokens
-    elif aggregation == "sequence_mean":
-        weights = mask / (lengths.clamp_min(1) * sequences)
-    else:
-        raise ValueError(f"unknown aggregation {aggregation!r}; expected token_mean or "
-                         f"sequence_mean")
-    return weights.float()
+def training_rows(rollouts: RolloutBatch, trainer) -> list[list[int]]:
+    """This rank's rollouts grouped into micro-batches: ``trainer.micro_batch_size`` rows in
+    order, or packed by ``trainer.max_tokens_per_micro_batch``
+    (:func:`~nemo_loop.data.sequences.micro_batch_rows`)."""
+    return micro_batch_rows([len(r.prompt) for r in rollouts.rollouts],
+                            [len(r.response) for r in rollouts.rollouts],
+                            trainer.micro_batch_size, trainer.max_tokens_per_micro_batch)
 
 
 def dp_mean(value: float) -> float:

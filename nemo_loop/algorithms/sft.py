@@ -8,8 +8,9 @@ the task's prompt format, running R̃ = ``trainer.student_loops`` loops. ``loss.
 cross-entropy of loop R̃ alone (``nemo_loop.losses.supervised``).
 
 Every target token weighs 1/(target tokens of the global batch) (``token_mean``) or
-1/(|y|·sequences) (``sequence_mean``), counted over the data-parallel group, so a step's loss
-and update do not depend on the micro-batch or data-parallel layout. Records are drawn by the
+1/(|y|·sequences) (``sequence_mean``), counted by ``train_step`` over all micro-batches and the
+data-parallel group, so a step's loss and update do not depend on the micro-batch or
+data-parallel layout (nor on ``trainer.max_tokens_per_micro_batch`` packing). Records are drawn by the
 seeded, resumable :class:`~nemo_loop.data.prompts.PromptSampler`, so a resumed run sees the
 same batches. Checkpoints, resume, preemption and logging go through
 :class:`~nemo_loop.algorithms.training_run.TrainingRun`.
@@ -22,20 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
 from nemo_loop.algorithms import step_flops
 from nemo_loop.algorithms.common import (
     OptimConfig,
     build_trainable_model,
+    check_token_budget,
     train_step,
 )
-from nemo_loop.algorithms.rollouts import (
-    data_parallel_share,
-    global_token_weights,
-    micro_batch_rows,
-)
+from nemo_loop.algorithms.rollouts import data_parallel_share
 from nemo_loop.algorithms.training_run import (
     CheckpointConfig,
     CheckpointedTrainerConfig,
@@ -46,7 +43,8 @@ from nemo_loop.algorithms.training_run import (
 )
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
-from nemo_loop.data.sequences import response_targets, teacher_forced_batch
+from nemo_loop.data.sequences import micro_batch_rows, teacher_forced_batch
+from nemo_loop.losses.normalization import check_aggregation
 from nemo_loop.losses.supervised import (
     check_supervised_loss_kind,
     logit_loops_for,
@@ -58,9 +56,6 @@ from nemo_loop.tasks import Task, TaskConfig, build_task
 from nemo_loop.utils.distributed import ParallelConfig
 from nemo_loop.utils.logging import WandbConfig
 
-AGGREGATIONS = ("token_mean", "sequence_mean")
-
-
 @dataclass
 class SFTLossConfig:
     kind: str = "ouro"  # ouro | final_loop
@@ -71,9 +66,7 @@ class SFTLossConfig:
         check_supervised_loss_kind(self.kind)
         if self.entropy_beta < 0:
             raise ValueError(f"loss.entropy_beta must be >= 0, got {self.entropy_beta}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"loss.aggregation must be one of {AGGREGATIONS}, got "
-                             f"{self.aggregation!r}")
+        check_aggregation("loss.aggregation", self.aggregation)
 
 
 @dataclass
@@ -81,7 +74,10 @@ class SFTTrainerConfig(CheckpointedTrainerConfig):
     # save_interval, checkpoint_dir, resume, overwrite, init_from: CheckpointedTrainerConfig
     max_steps: int = 100
     examples_per_step: int = 16  # global, across data-parallel ranks
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # examples per micro-batch (at most, with a token budget)
+    # Token budget of a micro-batch (rows × padded length; NeMo-RL's dynamic batching): examples
+    # sorted by length and packed; null: micro_batch_size examples each, in order.
+    max_tokens_per_micro_batch: int | None = None
     student_loops: int = 2  # R̃: the loops the model runs, as the LLOPSD student's
     log_interval: int = 10
     seed: int = 1234  # model init and the order the records are drawn in
@@ -125,9 +121,12 @@ class SFTConfig:
         if trainer.max_steps < 1 or trainer.micro_batch_size < 1 or trainer.log_interval < 1:
             raise ValueError("trainer.max_steps, trainer.micro_batch_size and "
                              "trainer.log_interval must be >= 1")
-        if world_size is not None:
+        check_token_budget(trainer.max_tokens_per_micro_batch, self.model.max_sequence_length)
+        if world_size is not None:  # with a token budget, micro-batches need not be full
             check_global_batch("examples_per_step", trainer.examples_per_step,
-                               trainer.micro_batch_size, parallel.data_parallel(world_size))
+                               trainer.micro_batch_size
+                               if trainer.max_tokens_per_micro_batch is None else 1,
+                               parallel.data_parallel(world_size))
 
     def checkpoint_root(self) -> Path:
         return checkpoint_root(self)
@@ -202,64 +201,67 @@ def save(state: SFTState) -> Path:
 
 
 def my_micro_batches(state: SFTState) -> list[dict]:
-    """This data-parallel rank's micro-batches of the next step, each token weighted so that
-    the weights of the whole global batch sum to 1."""
+    """This data-parallel rank's micro-batches of the next step."""
     config = state.config
     indices = state.sampler.next_indices(config.trainer.examples_per_step)
     mine = data_parallel_share([state.examples[i] for i in indices])
-    responses = [example.response for example in mine]
-    _, mask = response_targets(responses, max(len(r) for r in responses), state.tokenizer.pad_id)
-    weights = global_token_weights(mask, config.loss.aggregation)  # [T, n]
+    return teacher_forced_micro_batches(mine, config.trainer, state.tokenizer.pad_id)
+
+
+def teacher_forced_micro_batches(examples: list[SFTExample], trainer, pad_id: int
+                                 ) -> list[dict]:
+    """``examples`` in micro-batches of ``trainer.micro_batch_size``, or packed by
+    ``trainer.max_tokens_per_micro_batch``; each padded to its own longest prompt and
+    reference, with the columns that predict reference tokens as ``target_window``."""
     micro_batches = []
-    for rows in micro_batch_rows(len(mine), config.trainer.micro_batch_size):
-        chosen = mine[rows]
-        length = max(len(example.response) for example in chosen)
-        batch = teacher_forced_batch(
-            [example.prompt for example in chosen], [example.response for example in chosen],
-            state.tokenizer.pad_id, weights[:length, rows])
-        # The columns that predict reference tokens (every weight there is > 0 for some row):
-        # the head and the loss run on these only, not on the prompt.
+    for rows in micro_batch_rows([len(e.prompt) for e in examples],
+                                 [len(e.response) for e in examples], trainer.micro_batch_size,
+                                 trainer.max_tokens_per_micro_batch):
+        chosen = [examples[row] for row in rows]
+        batch = teacher_forced_batch([example.prompt for example in chosen],
+                                     [example.response for example in chosen], pad_id)
+        # The columns that predict reference tokens: the head and the loss run on these only,
+        # not on the prompt.
         columns = batch["loss_mask"].ne(0).any(0).nonzero().squeeze(1)
         batch["target_window"] = slice(int(columns[0]), int(columns[-1]) + 1)
         micro_batches.append(batch)
     return micro_batches
 
 
-def sft_step(state: SFTState) -> dict:
-    config = state.config
-    started = time.perf_counter()
-    micro_batches = my_micro_batches(state)
-    loss_config = config.loss
-    data_parallel = parallel_state.get_data_parallel_world_size()
-    # Each micro-batch's loss is its share of the global weighted sum. DDP averages gradients
-    # over the data-parallel group, so each rank back-propagates data_parallel × its share;
-    # metrics are scaled so that train_step's mean over micro-batches and ranks is the sum.
-    to_global_sum = len(micro_batches) * data_parallel
-    student = unwrap_model(state.ddp_model)
+def supervised_loss_function(loss_config: SFTLossConfig, student):
+    """``train_step``'s loss: the micro-batch's share of the step's supervised loss, on the
+    target columns only."""
 
-    def loss_func(micro_batch, output):
+    def loss_func(micro_batch, output, normalizer):
         window = micro_batch["target_window"]
         readouts = output.readouts[:, window]
         on_targets = LoopOutput(output.loops, readouts, student.logits(readouts),
                                 output.exit_logits[:, window])
+        weights = normalizer.weights(micro_batch["loss_mask"][:, window], loss_config.aggregation)
         loss, metrics = supervised_loop_loss(on_targets, micro_batch["labels"][:, window],
-                                             micro_batch["loss_mask"][:, window],
-                                             loss_config.kind, loss_config.entropy_beta)
+                                             weights, loss_config.kind, loss_config.entropy_beta)
         metrics.pop("target_weight")
-        reported = {key: value * to_global_sum for key, value in metrics.items()}
-        reported["target_tokens"] = (micro_batch["loss_mask"] > 0).sum() * to_global_sum
-        return loss * data_parallel, reported
+        metrics["target_tokens"] = micro_batch["loss_mask"].ne(0).sum()
+        return loss, metrics
 
+    return loss_func
+
+
+def sft_step(state: SFTState) -> dict:
+    config = state.config
+    started = time.perf_counter()
+    micro_batches = my_micro_batches(state)
     student_loops = config.trainer.student_loops
     metrics = train_step(state.ddp_model, state.optimizer, state.scheduler, micro_batches,
-                         loss_func, num_loops=student_loops,
-                         logit_loops=logit_loops_for(loss_config.kind, student_loops),
+                         supervised_loss_function(config.loss, unwrap_model(state.ddp_model)),
+                         num_loops=student_loops,
+                         logit_loops=logit_loops_for(config.loss.kind, student_loops),
                          compute_logits=False)
     state.step += 1
     metrics["step_time_s"] = time.perf_counter() - started
     metrics.update(step_flops.teacher_forced(
         config, micro_batches, student_loops,
-        len(logit_loops_for(loss_config.kind, student_loops)), metrics["step_time_s"]))
+        len(logit_loops_for(config.loss.kind, student_loops)), metrics["step_time_s"]))
     return metrics
 
 

@@ -94,3 +94,48 @@ def teacher_forced_batch(prompts: list[list[int]], responses: list[list[int]], p
                 attention_mask=batch.attention_mask[:, :, :-1, :-1], loss_mask=loss_mask,
                 row_lengths=torch.tensor([len(p) + len(r) - 1
                                           for p, r in zip(prompts, responses)]))
+
+
+def micro_batch_rows(prompt_lengths: list[int], response_lengths: list[int], max_rows: int,
+                     max_tokens: int | None = None) -> list[list[int]]:
+    """Which rows go into each micro-batch (row indices, each row exactly once).
+
+    Without ``max_tokens``: consecutive groups of ``max_rows`` rows, in order. With it
+    (NeMo-RL's dynamic batching): rows sorted by length, longest first, and packed greedily
+    into micro-batches of at most ``max_rows`` rows whose padded size — rows × (longest prompt
+    + longest response), what :func:`build_batch` allocates — stays within ``max_tokens``; so
+    a batch with a long tail of lengths does not pad every row to the longest. A row longer
+    than ``max_tokens`` alone still forms a micro-batch.
+    """
+    if len(prompt_lengths) != len(response_lengths):
+        raise ValueError(f"{len(prompt_lengths)} prompt lengths but {len(response_lengths)} "
+                         f"response lengths")
+    if max_rows < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"max_rows and max_tokens must be >= 1, got {max_rows}, {max_tokens}")
+    count = len(prompt_lengths)
+    if max_tokens is None:
+        return [list(range(start, min(start + max_rows, count)))
+                for start in range(0, count, max_rows)]
+    order = sorted(range(count), key=lambda i: (-(prompt_lengths[i] + response_lengths[i]), i))
+    groups, current, prompt_width, response_width = [], [], 0, 0
+    for row in order:
+        wider_prompt = max(prompt_width, prompt_lengths[row])
+        wider_response = max(response_width, max(response_lengths[row], 1))
+        fits = (len(current) + 1) * (wider_prompt + wider_response) <= max_tokens
+        if current and (len(current) == max_rows or not fits):
+            groups.append(current)
+            current, wider_prompt, wider_response = [], prompt_lengths[row], \
+                max(response_lengths[row], 1)
+        current.append(row)
+        prompt_width, response_width = wider_prompt, wider_response
+    if current:
+        groups.append(current)
+    return groups
+
+
+def padded_tokens(prompt_lengths: list[int], response_lengths: list[int],
+                  groups: list[list[int]]) -> int:
+    """Token slots the micro-batches of ``groups`` allocate (rows × padded width each)."""
+    return sum(len(rows) * (max(prompt_lengths[i] for i in rows)
+                            + max(max(response_lengths[i] for i in rows), 1))
+               for rows in groups)

@@ -1,10 +1,10 @@
 """Losses for looped language models: cross-loop distillation across loops and vocab shards;
-policy gradients on group rollouts (GRPO, RLTT; OISD's terms in ``nemo_loop.losses.oisd``)."""
+policy gradients on group rollouts (GRPO, RLTT; OISD's terms in ``nemo_loop.losses.oisd``); the
+one normalization rule of every training loss (``nemo_loop.losses.normalization``)."""
 
 from nemo_loop.losses.config import (
     DIVERGENCES,
     OBJECTIVES,
-    REDUCTIONS,
     TOP_K_MODES,
     LoopDistillConfig,
 )
@@ -22,8 +22,8 @@ from nemo_loop.losses.loop_mapping import (
     loop_weights,
     validate_loop_mapping,
 )
+from nemo_loop.losses.normalization import AGGREGATIONS, LossNormalizer
 from nemo_loop.losses.policy_gradient import (
-    AGGREGATIONS,
     RLTT_WEIGHTINGS,
     PolicyLossConfig,
     clipped_surrogate,
@@ -36,11 +36,13 @@ from nemo_loop.losses.policy_gradient import (
 from nemo_loop.losses.token_logprobs import token_logprobs
 
 __all__ = [
-    "DIVERGENCES", "MAPPING_KINDS", "OBJECTIVES", "REDUCTIONS", "TOP_K_MODES", "WEIGHTING_KINDS",
+    "DIVERGENCES", "MAPPING_KINDS", "OBJECTIVES", "TOP_K_MODES", "WEIGHTING_KINDS",
     "LoopDistillConfig", "adaptive_loop_weights", "cross_loop_distillation_loss",
     "fused_head_distillation_loss", "loop_mapping", "loop_weights", "response_token_weights",
     "sampled_token_distillation_loss", "validate_loop_mapping",
+    # normalization
+    "AGGREGATIONS", "LossNormalizer",
     # policy gradients
-    "AGGREGATIONS", "RLTT_WEIGHTINGS", "PolicyLossConfig", "clipped_surrogate",
+    "RLTT_WEIGHTINGS", "PolicyLossConfig", "clipped_surrogate",
     "group_advantages", "grpo_loss", "k3_kl", "rltt_loop_weights", "rltt_loss", "token_logprobs",
 ]

@@ -13,10 +13,10 @@ from nemo_loop.losses.loop_mapping import (
     loop_mapping,
     loop_weights,
 )
+from nemo_loop.losses.normalization import check_aggregation
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TOP_K_MODES = ("tail", "renormalize")
-REDUCTIONS = ("sequence_mean", "token_mean")
 NONFINITE_POLICIES = ("error", "skip")
 # "full": the divergence between the loops' whole next-token distributions (or their top-K);
 # "sampled_token": OPSD's one-sample objective on the tokens the student sampled.
@@ -38,8 +38,9 @@ class LoopDistillConfig:
         divergence over K+1 buckets); ``"renormalize"`` renormalizes both sides over the K tokens.
     chunk_size: tokens processed at once; bounds the full-vocabulary fp32 temporaries to
         ``chunk_size × vocab/TP``. ``None`` processes all tokens of one loop at once.
-    reduction: ``"sequence_mean"`` averages each sequence's per-token mean over the sequences that
-        have response tokens; ``"token_mean"`` averages over all response tokens of the batch.
+    aggregation: ``"sequence_mean"`` averages each sequence's per-token mean over the sequences
+        that have response tokens; ``"token_mean"`` averages over all response tokens; in training,
+        over the whole step (:mod:`nemo_loop.losses.normalization`).
     nonfinite: what a NaN or ±inf logit (student or teacher) at a response token does.
         ``"error"`` raises naming the side, the loop and the token count; ``"skip"`` leaves those
         tokens out of the loss as if ``loss_mask`` were 0 there (the normalizers shrink with
@@ -63,7 +64,7 @@ class LoopDistillConfig:
     top_k: int | None = None
     top_k_mode: str = "tail"
     chunk_size: int | None = 1024
-    reduction: str = "sequence_mean"
+    aggregation: str = "sequence_mean"
     nonfinite: str = "error"
     objective: str = "full"
 
@@ -97,8 +98,7 @@ class LoopDistillConfig:
                                             or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got "
                              f"{self.chunk_size!r}")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {self.reduction!r}; expected one of {REDUCTIONS}")
+        check_aggregation("loss.aggregation", self.aggregation)
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown nonfinite policy {self.nonfinite!r}; expected one of "
                              f"{NONFINITE_POLICIES}")

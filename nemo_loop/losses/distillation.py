@@ -3,7 +3,8 @@
     loss = Σ_r α_r · mean_y D(p_S^(r) ‖ p_T^(φ(r)))
 
 where the mean runs over response tokens (``loss_mask``) per sequence and then over sequences
-(``reduction="sequence_mean"``), or over all response tokens (``"token_mean"``). Logits are
+(``aggregation="sequence_mean"``), or over all response tokens (``"token_mean"``), with the
+counts of a whole training step when the caller passes them (``normalizer``). Logits are
 megatron's ``[s, b, v]`` layout with a leading loop dimension and the vocabulary sharded over the
 tensor-parallel group. The teacher is a constant (stop-gradient), and so is the adaptive α.
 
@@ -38,6 +39,7 @@ from nemo_loop.losses.input_guards import (
     reduce_flags,
 )
 from nemo_loop.losses.loop_mapping import adaptive_loop_weights
+from nemo_loop.losses.normalization import LossNormalizer
 from nemo_loop.losses.vocab_parallel import (
     ChunkResult,
     KernelSpec,
@@ -245,28 +247,19 @@ class _WeightGradAccumulator:
         return combined.to(self.output_weight.dtype)
 
 
-def response_token_weights(loss_mask: torch.Tensor, reduction: str,
-                           num_sequences: int | None = None,
-                           num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat indices of response tokens in the s·b token axis, each token's weight).
+def response_token_weights(loss_mask: torch.Tensor, aggregation: str,
+                           normalizer: LossNormalizer | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices of response tokens in the s·b token axis, each token's float64 weight).
 
-    ``sequence_mean``: 1 / (|y_b| · number of sequences with |y_b| > 0); ``token_mean``:
-    1 / number of response tokens. Pass ``num_sequences``/``num_tokens`` to normalize by a
-    global count instead, e.g. the total over the data-parallel group.
+    ``loss_mask`` is ``[seq, batch]``; the weights follow
+    :meth:`~nemo_loop.losses.normalization.LossNormalizer.weights` with ``normalizer`` (a training
+    step's counts over all its micro-batches and ranks), or with this mask's own counts.
     """
-    mask = loss_mask.bool()
-    as_float = mask.double()  # float64 so the normalizers stay exact in fp64 runs
-    if reduction == "sequence_mean":
-        tokens_per_sequence = mask.sum(0)
-        sequences = num_sequences if num_sequences is not None \
-            else int((tokens_per_sequence > 0).sum())
-        grid = as_float / (tokens_per_sequence.clamp(min=1) * max(sequences, 1))
-    elif reduction == "token_mean":
-        tokens = num_tokens if num_tokens is not None else int(mask.sum())
-        grid = as_float / max(tokens, 1)
-    else:
-        raise ValueError(f"unknown reduction {reduction!r}")
-    index = mask.reshape(-1).nonzero().squeeze(1)
+    by_row = loss_mask.t()
+    normalizer = normalizer or LossNormalizer.count([by_row])
+    grid = normalizer.weights(by_row, aggregation, torch.float64).t()
+    index = loss_mask.ne(0).reshape(-1).nonzero().squeeze(1)
     return index, grid.reshape(-1)[index]
 
 
@@ -335,8 +328,8 @@ def _rows_for(mapping: list[int], teacher_rows: list[int]) -> list[int]:
 def run_distillation(student: torch.Tensor, output_weight: torch.Tensor | None,
                      teacher_logits: torch.Tensor, loss_mask: torch.Tensor,
                      config: LoopDistillConfig, tp_group: dist.ProcessGroup | None,
-                     token_ids: torch.Tensor | None = None, num_sequences: int | None = None,
-                     num_tokens: int | None = None, teacher_loop_ids=None,
+                     token_ids: torch.Tensor | None = None,
+                     normalizer: LossNormalizer | None = None, teacher_loop_ids=None,
                      num_teacher_loops: int | None = None,
                      token_weights: torch.Tensor | None = None,
                      teacher_output_weight: torch.Tensor | None = None
@@ -346,7 +339,7 @@ def run_distillation(student: torch.Tensor, output_weight: torch.Tensor | None,
     With ``teacher_output_weight`` ``[V/TP, h]``, ``teacher_logits`` holds the teacher's readouts
     ``[n, seq, batch, h]`` instead, and teacher logits exist one chunk at a time.
 
-    ``token_weights`` ``[seq, batch]``, if given, replaces the reduction's per-token normaliser:
+    ``token_weights`` ``[seq, batch]``, if given, replaces the aggregation's per-token normaliser:
     each response token counts with its own weight, which may be negative (OISD weights the
     divergence by a clipped advantage). Metrics are weighted the same way.
     """
@@ -372,8 +365,7 @@ def run_distillation(student: torch.Tensor, output_weight: torch.Tensor | None,
                          f"{tuple(loss_mask.shape)}")
 
     def weights_of(mask):
-        index, weights = response_token_weights(mask, config.reduction, num_sequences,
-                                                num_tokens)
+        index, weights = response_token_weights(mask, config.aggregation, normalizer)
         if token_weights is not None:
             weights = token_weights.reshape(-1)[index.to(token_weights.device)].double()
         return index, weights
@@ -417,8 +409,7 @@ def run_distillation(student: torch.Tensor, output_weight: torch.Tensor | None,
 def cross_loop_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                                  loss_mask: torch.Tensor, config: LoopDistillConfig,
                                  tp_group: dist.ProcessGroup | None = None, *,
-                                 num_sequences: int | None = None,
-                                 num_tokens: int | None = None, teacher_loop_ids=None,
+                                 normalizer: LossNormalizer | None = None, teacher_loop_ids=None,
                                  num_teacher_loops: int | None = None
                                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_r α_r · masked-mean D(p_S^(r) ‖ p_T^(φ(r))), exact over the TP-sharded vocabulary.
@@ -432,8 +423,8 @@ def cross_loop_distillation_loss(student_logits: torch.Tensor, teacher_logits: t
         config: :class:`LoopDistillConfig`.
         tp_group: the tensor-parallel group the vocabulary is sharded over; ``None`` means the
             full vocabulary is local.
-        num_sequences / num_tokens: optional global normalizer for ``sequence_mean`` /
-            ``token_mean`` (e.g. summed over data-parallel ranks).
+        normalizer: the counts ``config.aggregation`` divides by: a training step's, over all
+            its micro-batches and data-parallel ranks (default: this mask's own).
         teacher_loop_ids / num_teacher_loops: when ``teacher_logits`` holds only some teacher
             loops (e.g. just the mapped ones), their 1-based ids and the teacher's R.
 
@@ -448,8 +439,7 @@ def cross_loop_distillation_loss(student_logits: torch.Tensor, teacher_logits: t
             every TP rank alike.
     """
     return run_distillation(student_logits, None, teacher_logits, loss_mask, config, tp_group,
-                            num_sequences=num_sequences, num_tokens=num_tokens,
-                            teacher_loop_ids=teacher_loop_ids,
+                            normalizer=normalizer, teacher_loop_ids=teacher_loop_ids,
                             num_teacher_loops=num_teacher_loops)
 
 
@@ -457,8 +447,8 @@ def sampled_token_distillation_loss(student_logits: torch.Tensor, teacher_logits
                                     token_ids: torch.Tensor, loss_mask: torch.Tensor,
                                     config: LoopDistillConfig,
                                     tp_group: dist.ProcessGroup | None = None, *,
-                                    num_sequences: int | None = None,
-                                    num_tokens: int | None = None, teacher_loop_ids=None,
+                                    normalizer: LossNormalizer | None = None,
+                                    teacher_loop_ids=None,
                                     num_teacher_loops: int | None = None
                                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """OPSD's sampled-token objective per loop: Σ_r α_r · masked-mean(−A_t · log p_S^(r)(y_t)).
@@ -473,6 +463,6 @@ def sampled_token_distillation_loss(student_logits: torch.Tensor, teacher_logits
         raise ValueError(f"token_ids {tuple(token_ids.shape)} must match loss_mask "
                          f"{tuple(loss_mask.shape)}")
     return run_distillation(student_logits, None, teacher_logits, loss_mask, config, tp_group,
-                            token_ids=token_ids, num_sequences=num_sequences,
-                            num_tokens=num_tokens, teacher_loop_ids=teacher_loop_ids,
+                            token_ids=token_ids, normalizer=normalizer,
+                            teacher_loop_ids=teacher_loop_ids,
                             num_teacher_loops=num_teacher_loops)

@@ -14,14 +14,14 @@ import torch.distributed as dist
 
 from nemo_loop.losses.config import LoopDistillConfig
 from nemo_loop.losses.distillation import run_distillation
+from nemo_loop.losses.normalization import LossNormalizer
 
 
 def fused_head_distillation_loss(student_hidden: torch.Tensor, output_weight: torch.Tensor,
                                  teacher: torch.Tensor, loss_mask: torch.Tensor,
                                  config: LoopDistillConfig,
                                  tp_group: dist.ProcessGroup | None = None, *,
-                                 num_sequences: int | None = None,
-                                 num_tokens: int | None = None, teacher_loop_ids=None,
+                                 normalizer: LossNormalizer | None = None, teacher_loop_ids=None,
                                  num_teacher_loops: int | None = None,
                                  token_ids: torch.Tensor | None = None,
                                  token_weights: torch.Tensor | None = None,
@@ -42,7 +42,7 @@ def fused_head_distillation_loss(student_hidden: torch.Tensor, output_weight: to
             states after the final norm) of those loops instead.
         teacher_output_weight: ``[V/TP, h_T]``, the teacher's output-layer shard (same vocabulary
             layout as ``output_weight``; the student's own for a self-teacher, detached here).
-        token_weights: ``[seq, batch]`` per-token weights replacing the reduction's normaliser
+        token_weights: ``[seq, batch]`` per-token weights replacing the aggregation's normaliser
             (may be negative), see :func:`~nemo_loop.losses.distillation.run_distillation`.
 
     Gradients: the hidden-state gradient is all-reduced over ``tp_group`` (as in the backward of
@@ -55,8 +55,7 @@ def fused_head_distillation_loss(student_hidden: torch.Tensor, output_weight: to
         raise ValueError(f"token_ids {tuple(token_ids.shape)} must match loss_mask "
                          f"{tuple(loss_mask.shape)}")
     return run_distillation(student_hidden, output_weight, teacher, loss_mask, config,
-                            tp_group, token_ids=token_ids, num_sequences=num_sequences,
-                            num_tokens=num_tokens,
+                            tp_group, token_ids=token_ids, normalizer=normalizer,
                             teacher_loop_ids=teacher_loop_ids,
                             num_teacher_loops=num_teacher_loops, token_weights=token_weights,
                             teacher_output_weight=teacher_output_weight)

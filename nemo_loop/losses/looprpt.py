@@ -25,6 +25,10 @@ out after loop t, π(t) the exit distribution over loops, T the EMA teacher, S t
    on the gold token, Σ_t k3(log p_T^(t) − log p^{g,(t)}) on the rollouts (the authors' default),
    each k3 clamped at ``kl_clamp``.
 
+"A mean over hard tokens" is a weighted sum with the caller's ``hard_weights``: a training step
+passes weights normalised over all its micro-batches and ranks
+(:mod:`nemo_loop.losses.normalization`), so the loss does not depend on the layout.
+
 loss = c_pg·policy + c_bb·backbone − c_H·H(π_S) + c_KL·KL.
 
 Layout: sequence-first ``[R, s, n]`` tensors; the student's n = (1 + G)·b columns are the clean
@@ -153,12 +157,17 @@ def sample_exit_loops(exit_probs: torch.Tensor, uniforms: torch.Tensor) -> torch
 
 def looprpt_loss(student_logp: torch.Tensor, student_exit_logp: torch.Tensor,
                  reference: TeacherReference, uniforms: torch.Tensor, loss_mask: torch.Tensor,
-                 config: LoopRPTLossConfig) -> tuple[torch.Tensor, dict]:
+                 config: LoopRPTLossConfig, hard_weights: torch.Tensor | None = None,
+                 token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The LoopRPT loss of one micro-batch and its metrics.
 
     ``student_logp`` ``[R, s, (1+G)·b]``: log p^(t)(x_{s+1}) of the clean and noisy passes
     (differentiable); ``student_exit_logp`` the same layout's log π (differentiable);
     ``uniforms`` ``[s, G·b]`` the draws that pick each rollout's exit; ``loss_mask`` ``[s, b]``.
+    ``hard_weights`` ``[s, b]`` weigh the hard tokens in every term (default: 1/hard tokens of
+    this micro-batch; a training step passes its global ones,
+    :mod:`nemo_loop.losses.normalization`), ``token_weights`` the loss-mask tokens in the
+    metrics over all tokens (default: 1/loss-mask tokens).
     """
     num_loops, seq, columns = student_logp.shape
     batch = reference.hard.shape[1]
@@ -170,21 +179,25 @@ def looprpt_loss(student_logp: torch.Tensor, student_exit_logp: torch.Tensor,
     def tile(tensor):  # [.., b] → [.., G·b], copy-major like the noisy block
         return tensor.repeat(*([1] * (tensor.dim() - 1)), copies)
 
+    hard = reference.hard.to(student_logp.dtype)
+    mask = loss_mask.to(student_logp.dtype)
+    hard_weights = hard / hard.sum().clamp_min(1.0) if hard_weights is None \
+        else hard_weights.to(student_logp.dtype)
+    token_weights = mask / mask.sum().clamp_min(1.0) if token_weights is None \
+        else token_weights.to(student_logp.dtype)
+    rollout_weights = tile(hard_weights) / copies  # each of the G copies of a token
+
     clean_logp, noisy_logp = student_logp[..., :batch], student_logp[..., batch:]
     clean_exit_logp, noisy_exit_logp = (student_exit_logp[..., :batch],
                                         student_exit_logp[..., batch:])
-    hard = reference.hard.to(student_logp.dtype)
-    hard_count = hard.sum().clamp_min(1.0)
-    hard_rollouts = tile(hard)
-
     rewards = loop_rewards(clean_logp, reference.baseline, reference.time_penalty,
                            reference.exit_loop)
     loop_advantages = normalised_over(rewards, dim=0)
     exit_probs = clean_exit_logp.exp()
     backbone_per_token = (-clean_logp * exit_probs.detach()
                           * (1.0 + torch.relu(loop_advantages))).sum(0)
-    backbone = (backbone_per_token * hard).sum() / hard_count
-    gate_entropy = ((-(exit_probs * clean_exit_logp).sum(0)) * hard).sum() / hard_count
+    backbone = (backbone_per_token * hard_weights).sum()
+    gate_entropy = ((-(exit_probs * clean_exit_logp).sum(0)) * hard_weights).sum()
 
     rollout_rewards = loop_rewards(noisy_logp, tile(reference.baseline),
                                    tile(reference.time_penalty), tile(reference.exit_loop))
@@ -193,27 +206,25 @@ def looprpt_loss(student_logp: torch.Tensor, student_exit_logp: torch.Tensor,
     # normalised over the G copies of each token
     advantages = normalised_over(returns.view(seq, copies, batch), dim=1).reshape(seq, -1)
     chosen_logp = noisy_exit_logp.gather(0, exits[None])[0]
-    policy = (-(advantages * chosen_logp) * hard_rollouts).sum() / (hard_count * copies)
-    kl_per_token = k3_kl(noisy_logp, tile(reference.gold_logp)).clamp(max=config.kl_clamp)
-    kl = (kl_per_token.sum(0) * hard_rollouts).sum() / (hard_count * copies)
+    policy = (-(advantages * chosen_logp) * rollout_weights).sum()
+    kl_per_token = k3_kl(noisy_logp, tile(reference.gold_logp), clamp=config.kl_clamp)
+    kl = (kl_per_token.sum(0) * rollout_weights).sum()
 
     loss = (config.policy_coef * policy + config.backbone_coef * backbone
             - config.gate_entropy_coef * gate_entropy + config.kl_coef * kl)
     with torch.no_grad():
-        mask = loss_mask.to(student_logp.dtype)
-        tokens = mask.sum().clamp_min(1.0)
         metrics = {
             "loss": loss.detach(), "policy_loss": policy.detach(),
             "backbone_loss": backbone.detach(), "gate_entropy": gate_entropy.detach(),
             "kl": kl.detach(),
-            "ce_per_loop": (-clean_logp * mask).sum((1, 2)) / tokens,
-            "hard_ce_per_loop": (-clean_logp * hard).sum((1, 2)) / hard_count,
-            "exit_prob_per_loop": (exit_probs * mask).sum((1, 2)) / tokens,
-            "teacher_exit_prob_per_loop": (reference.exit_probs * mask).sum((1, 2)) / tokens,
-            "teacher_exit_loop": ((reference.exit_loop + 1) * hard).sum() / hard_count,
-            "reward_per_loop": (rewards * hard).sum((1, 2)) / hard_count,
-            "rollout_return": (returns * hard_rollouts).sum() / (hard_count * copies),
-            "rollout_exit_loop": ((exits + 1) * hard_rollouts).sum() / (hard_count * copies),
+            "ce_per_loop": (-clean_logp * token_weights).sum((1, 2)),
+            "hard_ce_per_loop": (-clean_logp * hard_weights).sum((1, 2)),
+            "exit_prob_per_loop": (exit_probs * token_weights).sum((1, 2)),
+            "teacher_exit_prob_per_loop": (reference.exit_probs * token_weights).sum((1, 2)),
+            "teacher_exit_loop": ((reference.exit_loop + 1) * hard_weights).sum(),
+            "reward_per_loop": (rewards * hard_weights).sum((1, 2)),
+            "rollout_return": (returns * rollout_weights).sum(),
+            "rollout_exit_loop": ((exits + 1) * rollout_weights).sum(),
             "hard_tokens": hard.sum(), "num_tokens": mask.sum(),
         }
     return loss, metrics

@@ -2,7 +2,7 @@
 
 Per token: Σ_r p_r · CE_r − β · H(p), where p is the early-exit distribution over the loops
 that ran and CE_r the next-token cross-entropy of loop r's logits. The result is the masked mean
-over tokens. Cross-entropy is computed across the tensor-parallel vocabulary shards by
+over tokens (a training step's, :mod:`nemo_loop.losses.normalization`). Cross-entropy is computed across the tensor-parallel vocabulary shards by
 megatron-core's ``vocab_parallel_cross_entropy`` (never with label smoothing, which is wrong at
 TP > 1 upstream).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+from nemo_loop.losses.normalization import LossNormalizer
 from nemo_loop.models.looplm.model import LoopOutput, exit_distribution
 
 
@@ -39,18 +40,22 @@ def ouro_token_losses(output: LoopOutput, labels: torch.Tensor, entropy_beta: fl
 
 
 def ouro_pretraining_loss(output: LoopOutput, labels: torch.Tensor, loss_mask: torch.Tensor,
-                          entropy_beta: float = 0.05) -> tuple[torch.Tensor, dict]:
-    """Expected per-token CE under the exit distribution minus β·entropy; mask is [b, s]."""
+                          entropy_beta: float = 0.05, normalizer: LossNormalizer | None = None,
+                          aggregation: str = "token_mean") -> tuple[torch.Tensor, dict]:
+    """Expected per-token CE under the exit distribution minus β·entropy, averaged over the
+    ``loss_mask`` ``[b, s]`` tokens: with ``normalizer`` (a training step's counts) this
+    micro-batch's share of the step's mean, else the mean over this mask. Metrics are weighted
+    the same way; ``num_tokens`` counts the mask's tokens."""
     per_token, token_ce, exit_probs, entropy = ouro_token_losses(output, labels, entropy_beta)
-    mask = loss_mask.transpose(0, 1).to(per_token.dtype)
-    num_tokens = mask.sum().clamp_min(1.0)
-    loss = (per_token * mask).sum() / num_tokens
+    normalizer = normalizer or LossNormalizer.count([loss_mask])
+    weights = normalizer.weights(loss_mask, aggregation).transpose(0, 1).to(per_token)
+    loss = (per_token * weights).sum()
     with torch.no_grad():
         metrics = {
             "loss": loss.detach(),
-            "ce_per_loop": (token_ce * mask).sum((1, 2)) / num_tokens,
-            "exit_prob_per_loop": (exit_probs * mask).sum((1, 2)) / num_tokens,
-            "exit_entropy": (entropy * mask).sum() / num_tokens,
-            "num_tokens": mask.sum(),
+            "ce_per_loop": (token_ce * weights).sum((1, 2)),
+            "exit_prob_per_loop": (exit_probs * weights).sum((1, 2)),
+            "exit_entropy": (entropy * weights).sum(),
+            "num_tokens": loss_mask.ne(0).sum(),
         }
     return loss, metrics

@@ -80,7 +80,7 @@ def check_every_divergence_mapping_and_weighting():
 def check_fp32_and_token_mean():
     group, vocab = _tp_group()
     for divergence in DIVERGENCES:
-        config = make_config(divergence, "linear", "uniform", reduction="token_mean")
+        config = make_config(divergence, "linear", "uniform", aggregation="token_mean")
         _compare_with_reference(config, group, vocab, torch.float32, FP32_RTOL, seed=1)
 
 

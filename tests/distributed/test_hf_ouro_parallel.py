@@ -40,13 +40,14 @@ def _gather_vocab(logits):
 
 
 def _check_parity(layout: ParallelConfig):
+    from nemo_loop.conversion.ouro import build_model
     from nemo_loop.models.looplm import hf_ouro
     from nemo_loop.models.looplm.pipeline import forward_backward_loops
     from nemo_loop.models.looplm.reference import ouro_reference_forward
     from nemo_loop.models.looplm.state_dict import load_full_state_dict
 
     hf_config, model_config, weights = hf_ouro.open_ouro_checkpoint(_hf_dir())
-    model = hf_ouro.build_model(model_config, layout)
+    model = build_model(model_config, layout)
     load_full_state_dict(model, weights)
     input_ids = _input_ids(model_config.vocab_size)
     outputs = forward_backward_loops(model, [{"input_ids": input_ids}], None, forward_only=True)
@@ -105,7 +106,7 @@ def _assert_export_matches(exported: Path, num_loops: int):
 
 
 def check_import_tp2_pp2_then_export_tp1_is_bit_exact():
-    from nemo_loop.models.looplm.hf_ouro import export_ouro, import_ouro
+    from nemo_loop.conversion.ouro import export_ouro, import_ouro
 
     ckpt = _work_dir("ckpt_tp2_pp2")
     import_ouro(_hf_dir(), ckpt, ParallelConfig(tensor_parallel=2, pipeline_parallel=2))

@@ -240,9 +240,9 @@ def check_distributed_optimizer_tp2_dp2_matches_single_process():
     for batches in steps:
         mine = batches[dp_rank::dp_size]
 
-        def loss_func(batch, output, n=len(mine)):
-            loss, metrics = ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
-            return loss / n, metrics
+        def loss_func(batch, output, normalizer):
+            return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"],
+                                         normalizer=normalizer)
 
         train_step(ddp, optimizer, scheduler, mine, loss_func)
     trained = gather_full_state_dict(ddp)
@@ -280,9 +280,9 @@ def check_checkpoint_resume_is_exact_tp2_dp2():
         batches = _micro_batches(count=2, seed=100 + index)
         mine = batches[parallel_state.get_data_parallel_rank()::2]
 
-        def loss_func(batch, output):
-            loss, metrics = ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
-            return loss / len(mine), metrics
+        def loss_func(batch, output, normalizer):
+            return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"],
+                                         normalizer=normalizer)
 
         train_step(*objects, mine, loss_func)
 

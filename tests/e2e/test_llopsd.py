@@ -90,10 +90,12 @@ def test_tokenizer_must_match_the_vocab(megatron_single_process, tmp_path):
         train(config)
 
 
-def test_batch_sizes_must_divide(tmp_path):
+def test_prompts_must_split_over_data_parallel_ranks(tmp_path):
     config = _config(tmp_path, "trainer.prompts_per_step=3", "trainer.micro_batch_size=2")
-    with pytest.raises(ValueError, match="prompts_per_step"):
-        config.validate(world_size=1)
+    with pytest.raises(ValueError, match="prompts_per_step 3 is not divisible by data_parallel"):
+        config.validate(world_size=2)
+    # micro-batches of 2 and 1: the loss is normalized over the step, not per micro-batch
+    config.validate(world_size=1)
 
 
 def test_training_starts_from_init_from_weights(megatron_single_process, tmp_path):

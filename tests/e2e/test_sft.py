@@ -56,10 +56,13 @@ def test_sft_learns_the_shell_game_answers_at_two_loops(megatron_single_process,
 def test_sft_targets_are_the_reference_solutions_in_the_prompt_format(megatron_single_process,
                                                                       tmp_path):
     from nemo_loop.algorithms.sft import my_micro_batches, setup
+    from nemo_loop.losses.normalization import LossNormalizer
 
     state = setup(_math_config(tmp_path, "trainer.resume=false"))
     micro_batches = my_micro_batches(state)
-    total_weight = sum(float(batch["loss_mask"].sum()) for batch in micro_batches)
+    masks = [batch["loss_mask"] for batch in micro_batches]
+    normalizer = LossNormalizer.count(masks)
+    total_weight = sum(float(normalizer.weights(mask, "token_mean").sum()) for mask in masks)
     assert abs(total_weight - 1.0) < 1e-6  # token_mean over the whole step's batch
     references = {state.task.sft_target(record).strip()
                   for record in load_prompt_set(state.config.data)}

@@ -10,8 +10,10 @@ def _schema(algorithm: str):
     from nemo_loop.algorithms.grpo import GRPOConfig
     from nemo_loop.algorithms.oisd import OISDConfig
     from nemo_loop.algorithms.rltt import RLTTConfig
+    from nemo_loop.algorithms.sft import SFTConfig
 
-    return {"grpo": GRPOConfig, "rltt": RLTTConfig, "oisd": OISDConfig}[algorithm]
+    return {"grpo": GRPOConfig, "rltt": RLTTConfig, "oisd": OISDConfig,
+            "sft": SFTConfig}[algorithm]
 
 
 def _load(algorithm: str, *overrides, path=None):
@@ -65,18 +67,26 @@ def test_rltt_defaults_are_the_published_ones():
     ("grpo", "parallel.pipeline_parallel=2", "pipeline_parallel"),
     ("grpo", "rollout.student_loops=5", "student_loops"),
     ("grpo", "data.path=/nonexistent.jsonl", "prompt set not found"),
+    # the policy gradient is taken on the distribution the rollouts were drawn from
+    ("grpo", "rollout.temperature=0", "rollout.temperature=0 \\(greedy\\) cannot train GRPO"),
+    ("rltt", "rollout.top_p=0.9", "rollout.top_p=0.9 / rollout.top_k=0: RLTT"),
+    ("oisd", "rollout.top_k=20", "rollout.top_k=20: OISD"),
+    ("grpo", "loss.dual_clip=1.0", "loss.dual_clip must be a finite number > 1"),
+    ("grpo", "loss.max_log_ratio=0", "loss.max_log_ratio must be a finite number > 0"),
+    ("grpo", "loss.k3_clamp=-1", "loss.k3_clamp must be a finite number > 0"),
+    ("grpo", "trainer.max_tokens_per_micro_batch=16", "max_tokens_per_micro_batch 16 must be"),
+    ("sft", "trainer.max_tokens_per_micro_batch=16", "max_tokens_per_micro_batch 16 must be"),
 ])
 def test_bad_configs_are_named_at_load_time(algorithm, override, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         _load(algorithm, override)
 
 
-def test_rollouts_must_split_into_whole_groups_and_micro_batches():
+def test_rollouts_must_split_into_whole_groups():
     config = _load("grpo", "trainer.prompts_per_step=3")
     with pytest.raises(ValueError, match="prompts_per_step 3 is not divisible by data_parallel"):
         config.validate(world_size=2)
-    config = _load("grpo", "trainer.prompts_per_step=4", "rollout.samples_per_prompt=6",
-                   "trainer.micro_batch_size=8")
-    with pytest.raises(ValueError, match="12 rollouts per rank"):
-        config.validate(world_size=2)
-    config.validate(world_size=1)  # 24 rollouts: 3 micro-batches of 8
+    # 12 rollouts per rank in micro-batches of 8 and 4: the loss is normalized over the step,
+    # so micro-batches need not be equal
+    _load("grpo", "trainer.prompts_per_step=4", "rollout.samples_per_prompt=6",
+          "trainer.micro_batch_size=8").validate(world_size=2)

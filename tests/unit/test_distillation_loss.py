@@ -11,6 +11,7 @@ import torch
 from nemo_loop.losses import (
     DIVERGENCES,
     LoopDistillConfig,
+    LossNormalizer,
     adaptive_loop_weights,
     cross_loop_distillation_loss,
     fused_head_distillation_loss,
@@ -77,7 +78,7 @@ def reference_loss(student_logits, teacher_logits, loss_mask, config: LoopDistil
                 log_p_s = torch.log_softmax(scaled_s, -1)
                 log_p_t = torch.log_softmax(scaled_t, -1)
             per_token = divergence = reference_per_token(log_p_s, log_p_t, config)
-        if config.reduction == "sequence_mean":
+        if config.aggregation == "sequence_mean":
             def reduce(x):
                 means = (x * mask).sum(0) / per_sequence_tokens.clamp(min=1)
                 return means[per_sequence_tokens > 0].mean()
@@ -142,10 +143,10 @@ def test_matches_float64_reference(divergence, mapping, weighting):
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
-def test_fp32_and_bf16_inputs_match_reference(divergence, reduction):
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
+def test_fp32_and_bf16_inputs_match_reference(divergence, aggregation):
     student, teacher, mask = make_inputs()
-    config = make_config(divergence, "linear", "uniform", reduction=reduction)
+    config = make_config(divergence, "linear", "uniform", aggregation=aggregation)
     expected, expected_grad, _ = loss_and_grad(reference_loss, student, teacher, mask, config)
     loss, grad, _ = loss_and_grad(cross_loop_distillation_loss, student.float(), teacher.float(),
                                   mask, config)
@@ -393,8 +394,11 @@ def test_metrics_and_global_normalizer():
     entropy = -(log_p_t.exp() * log_p_t).sum(-1)
     per_seq = (entropy * mask).sum(0) / mask.sum(0).clamp(min=1)
     assert_close(metrics["teacher_entropy_per_loop"][-1], per_seq[mask.sum(0) > 0].mean(), 1e-12)
-    halved, _ = cross_loop_distillation_loss(student, teacher, mask, config, num_sequences=6)
-    assert_close(halved, loss / 2, 1e-14)  # 3 non-empty sequences locally, 6 globally
+    local = LossNormalizer.count([mask.t()])
+    assert local.sequences == 3  # non-empty sequences here
+    halved, _ = cross_loop_distillation_loss(student, teacher, mask, config,
+                                             normalizer=LossNormalizer(local.tokens, 6))
+    assert_close(halved, loss / 2, 1e-14)  # a step with 6 sequences in all
 
 
 def test_backward_scales_with_the_incoming_gradient():
@@ -421,7 +425,7 @@ def test_backward_scales_with_the_incoming_gradient():
     (dict(top_k=VOCAB + 1), "exceeds the vocabulary"),
     (dict(top_k_mode="drop"), "top_k_mode"),
     (dict(chunk_size=0), "chunk_size"),
-    (dict(reduction="sum"), "reduction"),
+    (dict(aggregation="sum"), "aggregation"),
     (dict(nonfinite="ignore"), "nonfinite policy"),
 ])
 def test_invalid_configs_raise(fields, message):
@@ -554,20 +558,20 @@ def test_nonfinite_logits_at_masked_positions_change_nothing(path):
 
 
 @pytest.mark.parametrize("path", GUARDED_PATHS)
-@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
-def test_skip_equals_masking_the_nonfinite_tokens_out(path, reduction):
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
+def test_skip_equals_masking_the_nonfinite_tokens_out(path, aggregation):
     inputs = poisoned(guard_inputs(), path, POISON + HARMLESS)
-    loss, grad, metrics = guarded_loss(path, inputs, nonfinite="skip", reduction=reduction)
+    loss, grad, metrics = guarded_loss(path, inputs, nonfinite="skip", aggregation=aggregation)
     # the independent computation: the same inputs with those tokens masked out by the caller
     expected, expected_grad, expected_metrics = guarded_loss(
-        path, inputs, without_poisoned_tokens(inputs["mask"]), reduction=reduction)
+        path, inputs, without_poisoned_tokens(inputs["mask"]), aggregation=aggregation)
     assert metrics.pop("nonfinite_tokens") == 3
     assert expected_metrics.pop("nonfinite_tokens") == 0
     assert_close(loss, expected, 1e-12, "loss")
     assert_close(grad, expected_grad, 1e-12, "grad")
     for name in expected_metrics:
         assert_close(metrics[name], expected_metrics[name], 1e-12, name)
-    clean_loss, _, _ = guarded_loss(path, guard_inputs(), reduction=reduction)
+    clean_loss, _, _ = guarded_loss(path, guard_inputs(), aggregation=aggregation)
     assert (loss - clean_loss).abs() > 1e-6  # the skipped tokens did count before
 
 

@@ -32,11 +32,11 @@ def test_sampled_token_preset_reproduces_sampled_token_distillation_loss(
     readouts = torch.randn(loops, seq, batch, config.model.hidden_size)
     micro_batch = {
         "teacher_readouts": torch.randn(len(teacher_loops), seq, batch, config.model.hidden_size),
-        "response_ids": torch.randint(vocab, (seq, batch)),
-        "loss_mask": torch.ones(seq, batch),
+        "token_ids": torch.randint(vocab, (seq, batch)),
+        "loss_mask": torch.ones(batch, seq),  # batch-first, as train_step counts it
     }
-    micro_batch["loss_mask"][3:, 1] = 0  # a shorter response
-    micro_batch["response_ids"][3:, 1] = 0  # padding
+    micro_batch["loss_mask"][1, 3:] = 0  # a shorter response
+    micro_batch["token_ids"][3:, 1] = 0  # padding
 
     def run(compute):
         hidden = readouts.clone().requires_grad_()
@@ -51,8 +51,8 @@ def test_sampled_token_preset_reproduces_sampled_token_distillation_loss(
         teacher_logits = teacher.logits(micro_batch["teacher_readouts"])
     expected, expected_metrics, expected_grads = run(
         lambda hidden: sampled_token_distillation_loss(
-            student.logits(hidden), teacher_logits, micro_batch["response_ids"],
-            micro_batch["loss_mask"], config.loss, teacher_loop_ids=teacher_loops,
+            student.logits(hidden), teacher_logits, micro_batch["token_ids"],
+            micro_batch["loss_mask"].t(), config.loss, teacher_loop_ids=teacher_loops,
             num_teacher_loops=config.model.num_loops))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_metrics["divergence_per_loop"],

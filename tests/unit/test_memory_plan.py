@@ -99,9 +99,9 @@ def test_planned_peak_matches_a_measured_pretraining_step(megatron_single_proces
     task = build_task(config.task)
     batches = my_micro_batches(config, task, task.tokenizer(), step=1)
 
-    def loss_func(batch, output):
-        loss, metrics = ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"])
-        return loss / len(batches), metrics
+    def loss_func(batch, output, normalizer):
+        return ouro_pretraining_loss(output, batch["labels"], batch["loss_mask"],
+                                     normalizer=normalizer)
 
     torch.manual_seed(0)
     with PeakTensorMemory("cpu") as peak:

@@ -197,7 +197,7 @@ def test_attention_probe_gradients_through_the_loop_pipeline(megatron_single_pro
 
 
 def test_rltt_exit_pdf_gradient_reaches_the_models_exit_gate(megatron_single_process):
-    from nemo_loop.losses.policy_gradient import rltt_loop_weights, rltt_loss
+    from nemo_loop.losses.policy_gradient import PolicyLossConfig, rltt_loop_weights, rltt_loss
     from nemo_loop.losses.token_logprobs import token_logprobs
 
     grads = {}
@@ -210,7 +210,8 @@ def test_rltt_exit_pdf_gradient_reaches_the_models_exit_gate(megatron_single_pro
                                 for readout in output.readouts])
         omega = rltt_loop_weights(kind, 3, exit_probs=output.exit_probs[:, :-1])
         weights = torch.full_like(targets, 0.1, dtype=torch.float32)
-        loss, _ = rltt_loss(per_loop, omega, torch.tensor([1.0, -1.0]), weights)
+        loss, _ = rltt_loss(per_loop, omega, torch.tensor([1.0, -1.0]), weights,
+                            PolicyLossConfig(kl_coef=0.0))
         loss.backward()
         grads[kind] = model.exit_gate.weight.grad
     assert grads["exit_pdf"] is not None and grads["exit_pdf"].abs().max() > 1e-4

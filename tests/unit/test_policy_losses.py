@@ -52,6 +52,97 @@ def test_clipped_surrogate_covers_the_four_ppo_cases():
                                rtol=0, atol=1e-6)
 
 
+def test_dual_clip_caps_negative_advantage_losses_by_hand():
+    # (advantage, ratio): A<0 far above the clip range (capped at −c·A = 3), A<0 below the cap,
+    # A>0 (dual-clip never applies), A<0 below 1 − ε (PPO's own clip)
+    cases = [(-1.0, 5.0), (-1.0, 2.0), (1.0, 5.0), (-2.0, 0.5)]
+    old = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    logp = (old + torch.log(torch.tensor([r for _, r in cases]))).requires_grad_(True)
+    advantages = torch.tensor([a for a, _ in cases])
+    loss, bounded, _ = clipped_surrogate(logp, old, advantages, 0.2, 0.2, dual_clip=3.0)
+    # PPO alone: 5, 2, −1.2, 1.6; dual-clip: min(5, 3) = 3, min(2, 3) = 2, −1.2, 1.6
+    torch.testing.assert_close(loss.detach(), torch.tensor([3.0, 2.0, -1.2, 1.6]), rtol=0,
+                               atol=1e-6)
+    assert bounded.tolist() == [True, False, True, True]
+    loss.sum().backward()  # the cap and the clips are constants: only −ρA of row 2 is live
+    torch.testing.assert_close(logp.grad, torch.tensor([0.0, 2.0, 0.0, 0.0]), rtol=0, atol=1e-6)
+    # off by default: DeepSeekMath's objective, −ρA = 5 for the first row
+    plain, _, _ = clipped_surrogate(logp.detach(), old, advantages, 0.2, 0.2)
+    assert plain[0].item() == pytest.approx(5.0)
+
+
+def test_max_log_ratio_clamps_log_rho_before_the_exponential():
+    old = torch.tensor([-30.0, -1.0])
+    logp = torch.tensor([-5.0, -1.5], requires_grad=True)  # log ρ = 25 and −0.5
+    advantages = torch.tensor([-1e-8, 1.0])
+    loss, _, ratio = clipped_surrogate(logp, old, advantages, 0.2, 0.2, max_log_ratio=20.0)
+    assert ratio[0].item() == pytest.approx(math.exp(20.0), rel=1e-6)
+    assert loss[0].item() == pytest.approx(math.exp(20.0) * 1e-8, rel=1e-5)
+    # the clamp binds on row 1 (no gradient there) and leaves row 2 alone: −ρA at ρ = e^−0.5,
+    # outside [0.8, 1.2] with A > 0, so PPO's own clip does not apply (ρ·A < 0.8·A)
+    loss.sum().backward()
+    assert logp.grad[0].item() == 0.0
+    assert logp.grad[1].item() == pytest.approx(-math.exp(-0.5), rel=1e-6)
+    unclamped, _, _ = clipped_surrogate(logp.detach(), old, advantages, 0.2, 0.2)
+    assert unclamped[0].item() == pytest.approx(math.exp(25.0) * 1e-8, rel=1e-5)
+
+
+def test_k3_clamps_by_hand():
+    logp = torch.tensor([-4.0, -2.0, -1.0], requires_grad=True)
+    reference = torch.tensor([-1.0, -1.0, -30.0])  # δ = 3, 1, −29
+    kl = k3_kl(logp, reference, max_log_ratio=20.0, clamp=10.0)
+    # e^3 − 4 = 16.09 → 10; e − 2; δ = −29 → −20: e^−20 + 19 → 10
+    torch.testing.assert_close(kl.detach(), torch.tensor([10.0, math.e - 2, 10.0]), rtol=1e-6,
+                               atol=1e-6)
+    kl.sum().backward()  # 1 − e^δ where no clamp binds
+    torch.testing.assert_close(logp.grad, torch.tensor([0.0, 1 - math.e, 0.0]), rtol=1e-6,
+                               atol=1e-6)
+    # the input clamp alone: δ = −29 → −20, δ = 3 → 2 at ±2
+    unclamped_output = k3_kl(logp.detach(), reference, max_log_ratio=20.0)
+    assert unclamped_output[2].item() == pytest.approx(math.exp(-20) + 19)
+    assert k3_kl(logp.detach()[:1], reference[:1], max_log_ratio=2.0).item() == \
+        pytest.approx(math.exp(2) - 3)
+    # the defaults: no dual-clip, no output clamp, δ and log ρ clamped at ±20 only
+    config = PolicyLossConfig()
+    assert (config.dual_clip, config.max_log_ratio, config.k3_clamp) == (None, 20.0, None)
+
+
+def test_grpo_loss_applies_the_configured_clamps():
+    logp = torch.tensor([[-4.0, -1.0]])
+    old = torch.tensor([[-1.0, -1.0]])  # ρ = e^−3 for a negative advantage, ρ = 1
+    reference = torch.tensor([[-1.0, -30.0]])
+    weights = torch.tensor([[0.5, 0.5]])
+    advantages = torch.tensor([-1.0, 2.0])
+    config = PolicyLossConfig(kl_coef=0.1, dual_clip=3.0, k3_clamp=10.0)
+    loss, metrics = grpo_loss(logp, old, advantages, weights, config, reference)
+    surrogate = [-min(math.exp(-3) * -1, 0.8 * -1), -2.0]  # PPO's lower clip: 0.8
+    kl = [math.exp(3) - 3 - 1, math.exp(-20) + 20 - 1]
+    kl = [min(k, 10.0) for k in kl]
+    expected = sum(0.5 * (s + 0.1 * k) for s, k in zip(surrogate, kl))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["kl"].item() == pytest.approx(0.5 * sum(kl), rel=1e-6)
+
+
+def test_token_logprobs_at_a_temperature():
+    torch.manual_seed(3)
+    hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(11, (6,))
+    logp, entropy = token_logprobs(hidden, weight, ids, chunk_size=4, temperature=0.7)
+    logp.sum().backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    log_probs = torch.log_softmax(hidden @ weight.t() / 0.7, dim=-1)
+    expected = log_probs.gather(-1, ids[:, None]).squeeze(-1)
+    torch.testing.assert_close(logp, expected.detach())
+    torch.testing.assert_close(entropy, -(log_probs.exp() * log_probs).sum(-1).detach())
+    expected.sum().backward()
+    torch.testing.assert_close(got[0], hidden.grad)
+    torch.testing.assert_close(got[1], weight.grad)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        token_logprobs(hidden, weight, ids, temperature=0.0)
+
+
 def test_k3_kl_value_and_gradient_by_hand():
     logp = torch.tensor([-1.0, -2.0, -0.3], requires_grad=True)
     reference = torch.tensor([-1.5, -2.0, -0.1])
@@ -150,7 +241,8 @@ def test_rltt_loss_for_every_loop_weighting(kind):
     weights = mask / (mask.sum(0) * n)
     omega = rltt_loop_weights(kind, R, gamma=2.0, exit_probs=exit_distribution(gates),
                               learned_logits=learned)
-    loss, metrics = rltt_loss(per_loop, omega.double(), advantages, weights, 0.01, reference)
+    loss, metrics = rltt_loss(per_loop, omega.double(), advantages, weights,
+                              PolicyLossConfig(kl_coef=0.01), reference)
     loss.backward()
 
     # Independent: ω by hand, then −(1/G) Σ_i (1/|y_i|) Σ_j Σ_t ω_t·logp_t·Â_i + β·k3.
@@ -203,3 +295,42 @@ def test_bad_policy_loss_config(field, value, message):
     config = PolicyLossConfig(**{field: value})
     with pytest.raises(ValueError, match=message):
         config.validate()
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_the_ratio_compares_the_distribution_the_engine_sampled_from(megatron_single_process,
+                                                                      temperature):
+    """π_old is the engine's log-prob under its sampling distribution; GRPO's π_θ (same weights)
+    scores the same tokens at the same temperature: ρ = 1, not e^{log p_T − log p_1}."""
+    from nemo_loop.algorithms.grpo import GRPOConfig, Objective
+    from nemo_loop.algorithms.rollouts import RolloutConfig, generate_rollouts
+    from nemo_loop.config import CONF_DIR, read_section
+    from nemo_loop.generation.native import NativeLoopEngine
+    from nemo_loop.models.looplm.config import LoopModelConfig
+    from nemo_loop.models.looplm.model import build_loop_model
+    from nemo_loop.tasks import TaskConfig, build_task
+
+    torch.manual_seed(0)
+    model = build_loop_model(read_section(CONF_DIR / "model" / "tiny.yaml", LoopModelConfig)
+                             .transformer_config()).eval()
+    task = build_task(TaskConfig(name="shell_game"))
+    tokenizer = task.tokenizer()
+    rollout = RolloutConfig(student_loops=2, samples_per_prompt=2, max_new_tokens=5,
+                            temperature=temperature)
+    batch = generate_rollouts(NativeLoopEngine(model), task, tokenizer,
+                              task.heldout_problems("train", 3), rollout, seed=3)
+    micro_batch = batch.micro_batch(list(range(len(batch))), tokenizer.pad_id)
+    with torch.no_grad():
+        output = model(micro_batch["input_ids"], micro_batch["position_ids"],
+                       micro_batch["attention_mask"], num_loops=2, logit_loops=[2],
+                       compute_logits=False)
+        logp, _ = Objective(GRPOConfig(rollout=rollout), model).logprobs(output.readouts[-1],
+                                                                          micro_batch)
+    tokens = micro_batch["loss_mask"].t() > 0
+    assert tokens.sum() > 6
+    torch.testing.assert_close(logp[tokens], micro_batch["old_logprobs"][tokens], rtol=0,
+                               atol=1e-5)
+    # the temperature-1 log-probs (the old π_θ) are another distribution
+    at_one, _ = token_logprobs(output.readouts[-1, micro_batch["response_window"]],
+                               model.output_weight(), micro_batch["token_ids"])
+    assert (at_one[tokens] - micro_batch["old_logprobs"][tokens]).abs().max() > 1e-2

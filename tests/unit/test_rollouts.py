@@ -1,15 +1,10 @@
 """Group rollouts: G copies per prompt, verdicts and rewards from the task, groups and siblings,
-aligned batches, and aggregation weights that are the same whatever the DP layout."""
+and micro-batches of aligned rows."""
 
 import pytest
 import torch
 
-from nemo_loop.algorithms.rollouts import (
-    RolloutConfig,
-    generate_rollouts,
-    global_token_weights,
-    micro_batch_rows,
-)
+from nemo_loop.algorithms.rollouts import RolloutConfig, generate_rollouts
 from nemo_loop.generation.engine import GenerationEngine, GenerationResult
 from nemo_loop.tasks import TaskConfig, build_task
 
@@ -25,7 +20,7 @@ class ScriptedEngine(GenerationEngine):
         results = []
         for answer in self.answers[:len(prompts)]:
             ids = self.tokenizer.encode_prompt(answer) + [self.tokenizer.im_end_id]
-            results.append(GenerationResult(ids, [-0.5] * len(ids), [-0.5] * len(ids), "stop",
+            results.append(GenerationResult(ids, [-0.5] * len(ids), [-0.25] * len(ids), "stop",
                                             num_loops))
         return results
 
@@ -61,16 +56,21 @@ def test_g_rollouts_per_prompt_in_groups_with_verdicts_and_siblings():
     assert batch.siblings(1) == [batch.rollouts[0], batch.rollouts[2]]  # never itself
     assert batch.rollouts[4].uid == f"{records[1].id}/1"
     assert batch.rollouts[0].record is records[0] and batch.rollouts[0].prompt == encoded[0]
-    # teacher prompts of another length keep the response window
-    student = batch.sequences(tokenizer.pad_id)
-    teacher = batch.sequences(tokenizer.pad_id, prompts=[[5, 6] + r.prompt
-                                                         for r in batch.rollouts])
-    window = slice(student.prompt_length, student.prompt_length + student.response_length)
-    shifted = slice(teacher.prompt_length, teacher.prompt_length + teacher.response_length)
-    assert torch.equal(student.input_ids[:, window], teacher.input_ids[:, shifted])
-    _, mask = batch.targets(student.response_length, tokenizer.pad_id)
-    assert mask.sum(0).tolist() == [2.0] * 6
-    assert batch.rollout_logprobs(student.response_length).sum().item() == pytest.approx(-6.0)
+    # a micro-batch of some rows, padded to their own longest prompt and response; teacher
+    # prompts of another length keep the response window
+    student = batch.micro_batch([4, 1], tokenizer.pad_id)
+    teacher = batch.micro_batch([4, 1], tokenizer.pad_id,
+                                prompts=[[5, 6] + r.prompt for r in batch.rollouts])
+    assert student["rollouts"] == [batch.rollouts[4], batch.rollouts[1]]
+    assert teacher["prompt_length"] == student["prompt_length"] + 2
+    window = slice(student["prompt_length"], None)
+    shifted = slice(teacher["prompt_length"], None)
+    assert torch.equal(student["input_ids"][:, window], teacher["input_ids"][:, shifted])
+    assert student["token_ids"].t().tolist() == [batch.rollouts[4].response,
+                                                 batch.rollouts[1].response]
+    assert student["loss_mask"].tolist() == [[1.0, 1.0], [1.0, 1.0]]  # [b, T]
+    # π_old is the engine's log-prob under the distribution it sampled from
+    assert student["old_logprobs"].sum().item() == pytest.approx(-1.0)
 
 
 def test_one_sample_per_prompt_keeps_the_prompt_list_and_seed():
@@ -83,15 +83,3 @@ def test_one_sample_per_prompt_keeps_the_prompt_list_and_seed():
                               RolloutConfig(samples_per_prompt=1), seed=5)
     assert engine.calls[0][0] == [tokenizer.encode_prompt(r.problem) for r in records]
     assert batch.rewards().tolist() == [1, 1, 1] and batch.siblings(0) == []
-
-
-def test_aggregation_weights_are_global_means(megatron_single_process):
-    mask = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.float32)
-    tokens = global_token_weights(mask, "token_mean")
-    assert torch.allclose(tokens, mask / 6)
-    sequences = global_token_weights(mask, "sequence_mean")
-    assert torch.allclose(sequences, mask / (mask.sum(0) * 3))
-    assert sequences.sum().item() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="aggregation"):
-        global_token_weights(mask, "median")
-    assert micro_batch_rows(6, 4) == [slice(0, 4), slice(4, 8)]

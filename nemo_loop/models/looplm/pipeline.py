@@ -129,7 +129,8 @@ def forward_backward_loops(
     ``attention_mask`` and ``readout_transform`` (applied to each loop's readout on the last
     stage, see ``LoopGPTModel.finish_loop``). On the last stage,
     ``loss_func(micro_batch, LoopOutput)`` returns the scalar to back-propagate (already
-    scaled by the caller, e.g. by 1/num_micro_batches) and a dict of metrics. Returns, on the
+    normalized by the caller: ``nemo_loop.algorithms.common.train_step`` makes it the
+    micro-batch's share of the step's loss) and a dict of metrics. Returns, on the
     last stage, per micro-batch the metrics dict — or, when ``loss_func`` is None
     (forward_only), the ``LoopOutput`` itself. Other stages return [].
     ``schedule``: ``"1f1b"`` or the memory-unbounded ``"gpipe"`` (see the module docstring).
