@@ -235,10 +235,11 @@ class Study:
     """A validated study: its cells, units and each unit's experiment config."""
 
     def __init__(self, config: StudyConfig, experiment: dict | None = None,
-                 pretrainings: dict[str, str] | None = None):
-        """``experiment`` and ``pretrainings`` (cell → its pretraining) come from study.json
-        when a claimed study is loaded; otherwise they are resolved and every cell is
-        validated, before anything runs."""
+                 pretrainings: dict[str, str] | None = None,
+                 same_run: dict[str, str] | None = None):
+        """``experiment``, ``pretrainings`` (cell → its pretraining) and ``same_run`` (cell → the
+        cell whose run it is) come from study.json when a claimed study is loaded; otherwise
+        they are resolved and every cell is validated, before anything runs."""
         config.validate()
         self.config = config
         self.root = Path(config.output_dir)
@@ -249,9 +250,11 @@ class Study:
         self._check_axes()
         self._settings: dict[str, CompressionExperimentConfig] = {}
         self._pretrainings = pretrainings or {}
+        # cell → the cell whose run it is (a cell the grid spells twice runs once)
+        self.same_run: dict[str, str] = same_run or {}
         if pretrainings is None:
             self._pretrainings = self._pretraining_ids()  # validates every cell
-            self._refuse_duplicate_cells()
+            self.same_run = self._same_runs()
         self.baselines = self._baselines()
 
     # ----- the base experiment and the cells -----
@@ -394,14 +397,21 @@ class Study:
     # ----- units -----
 
     def units(self, seeds: list[int] | None = None) -> list[Unit]:
-        """Seed by seed: the shared units, then every cell (a finished seed is complete)."""
+        """Seed by seed: the shared units, then every cell that is its own run (a finished
+        seed is complete)."""
         units = []
         for seed in seeds or self.config.seeds:
             for pretraining in dict.fromkeys(self._pretrainings[c.name] for c in self.cells):
                 units.append(Unit("shared", seed, pretraining))
-            units += [Unit("cell", seed, self._pretrainings[c.name], c.name)
-                      for c in self.cells]
+            units += [self.cell_unit(c.name, seed) for c in self.cells
+                      if c.name not in self.same_run]
         return units
+
+    def cell_unit(self, cell: str, seed: int) -> Unit:
+        """The unit that holds ``cell``'s run at ``seed`` (another cell's, for a cell that is the
+        same run)."""
+        run = self.same_run.get(cell, cell)
+        return Unit("cell", seed, self._pretrainings[run], run)
 
     def unit(self, name: str) -> Unit:
         for unit in self.units():
@@ -433,30 +443,37 @@ class Study:
 
     # ----- identity: refuse to mix two studies in one directory -----
 
-    def run_identity(self, name: str) -> dict:
+    def run_identity(self, name: str, resolved: bool = False) -> dict:
         """What decides the cell's results at a given seed: its shared phases' settings and its
-        student's resolved config without the paths and seeds filled in per seed."""
+        student's resolved config without the paths and seeds filled in per seed. ``resolved``:
+        with the algorithm's objective written out where it can (LLOPSD: φ and α at this R̃), so
+        that two spellings of one run compare equal."""
         config = self.cell_settings(name)
         chosen = config.student_algorithm(name)
-        student = to_dict(config.student_config(name))
+        student_config = config.student_config(name)
+        student = (student_config.run_identity() if resolved and hasattr(student_config,
+                                                                         "run_identity")
+                   else to_dict(student_config))
         for key in ("output_dir", "trainer.init_from", *chosen.seed_keys,
                     *([f"{chosen.prompts_key}.path"] if chosen.prompts_key else [])):
             *parents, last = key.split(".")
             _lookup(student, ".".join(parents)).pop(last)
         return {"shared": self._shared_part(config), "student": student}
 
-    def _refuse_duplicate_cells(self) -> None:
-        """Two cells that are the same run (an axis that does not reach a method, e.g. R̃ for
-        an algorithm that trains every loop) would cost twice and count twice."""
-        seen: dict[str, str] = {}
+    def _same_runs(self) -> dict[str, str]:
+        """Cells that are one run (an axis that does not reach a method, e.g. R̃ for an algorithm
+        that trains every loop; two loop mappings that coincide at this R̃) → the first of them.
+        Such a run is trained and evaluated once; each cell still gets its own baseline."""
+        first: dict[str, str] = {}
+        same = {}
         for cell in self.cells:
-            key = json.dumps(self.run_identity(cell.name), sort_keys=True, default=str)
-            if key in seen:
-                raise StudyError(f"cells {seen[key]} and {cell.name} are the same run: the axes "
-                                 f"that tell them apart do not reach method {cell.method!r} "
-                                 f"(algorithm {self.algorithm_of(cell.name)!r}); give such a "
-                                 f"method its own study, or change the grid")
-            seen[key] = cell.name
+            key = json.dumps(self.run_identity(cell.name, resolved=True), sort_keys=True,
+                             default=str)
+            if key in first:
+                same[cell.name] = first[key]
+            else:
+                first[key] = cell.name
+        return same
 
     def fingerprint_source(self) -> dict:
         """Everything that decides a run's result except the seed list (which may grow)."""
@@ -472,7 +489,8 @@ class Study:
                 "experiment": self.experiment, "cells": [
                     {"name": cell.name, "axes": cell.axes(),
                      "algorithm": self.algorithm_of(cell.name),
-                     "pretraining": self._pretrainings[cell.name]} for cell in self.cells],
+                     "pretraining": self._pretrainings[cell.name],
+                     "same_run_as": self.same_run.get(cell.name)} for cell in self.cells],
                 "fingerprint_source": self.fingerprint_source()}
 
     def claim_directory(self, command: str | None = None) -> None:
@@ -509,7 +527,9 @@ class Study:
         if seeds:
             config.seeds = seeds
         return cls(config, stored["experiment"],
-                   {cell["name"]: cell["pretraining"] for cell in stored["cells"]})
+                   {cell["name"]: cell["pretraining"] for cell in stored["cells"]},
+                   {cell["name"]: cell["same_run_as"] for cell in stored["cells"]
+                    if cell.get("same_run_as")})
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
