@@ -27,6 +27,14 @@ from pathlib import Path
 
 from nemo_loop.experiments.statistics import Interval, mean_interval, paired_interval, verdict
 from nemo_loop.experiments.study import Study, Unit
+from nemo_loop.experiments.study_sections import (
+    gate_markdown,
+    gate_summary,
+    preregistration_markdown,
+    tuning_choices,
+    tuning_markdown,
+    write_tuned,
+)
 from nemo_loop.experiments.study_units import DONE, read_unit
 
 REPORT_MD, SUMMARY_JSON = "report.md", "summary.json"
@@ -95,7 +103,7 @@ def _selection_columns(record: dict, loops: str) -> dict:
 def _complete(study: Study, records: dict, cell: str | None, pretraining: str = "") -> list:
     """The cell's records over all seeds, or None if a seed is not done."""
     found = []
-    for seed in study.config.seeds:
+    for seed in study.seeds_in_effect()[0]:
         unit = study.cell_unit(cell, seed) if cell else Unit("shared", seed, pretraining)
         record = records.get(unit.name)
         if record is None or record["state"] != DONE:
@@ -162,9 +170,16 @@ def summarize(study: Study, records: dict) -> dict:
                 "error": (record.get("error") or "").splitlines()[0] if record.get("error")
                 else None}
                for name, record in records.items() if record["state"] != DONE]
-    return {"study": study.config.name, "seeds": study.config.seeds,
-            "baseline": study.config.baseline_values(), "references": references, "cells": cells,
-            "missing": missing}
+    summary = {"study": study.config.name, "seeds": study.seeds_in_effect()[0],
+               "baseline": study.config.baseline_values(), "references": references,
+               "cells": cells, "missing": missing, "gate": gate_summary(study)}
+    summary["tuning"] = tuning_choices(study, summary, _judged_cell)
+    return summary
+
+
+def _judged_cell(summary: dict, name: str) -> str:
+    cell = summary["cells"][name]
+    return _judged_at(summary, name, len(cell["accuracy"]))
 
 
 def _paired(cell: list[dict], baseline: list[dict]) -> dict:
@@ -232,6 +247,8 @@ def markdown(study: Study, summary: dict, command: str | None) -> str:
                 f"*pretrained* row).", ""]
     if command:
         sections += ["Command:", "", f"```bash\n{command}\n```", ""]
+    sections += preregistration_markdown(study) + gate_markdown(summary["gate"])
+    sections += tuning_markdown(study, summary["tuning"])
     sections += ["## Accuracy per loop budget", "", *lines, "",
                  f"![accuracy vs loops]({PLOTS['loops']})", ""]
     if paired:
@@ -320,6 +337,7 @@ def write(study: Study, command: str | None = None) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     (root / SUMMARY_JSON).write_text(json.dumps(summary, indent=1, default=float))
+    write_tuned(root, summary["tuning"])
     plot_all(root, study, summary)
     (root / REPORT_MD).write_text(markdown(study, summary, command))
     return summary
