@@ -42,6 +42,7 @@ from nemo_loop.algorithms.training_run import (
     TrainingRun,
     checkpoint_root,
 )
+from nemo_loop.config import to_dict
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
 from nemo_loop.generation.backend import GenerationConfig, build_engine
@@ -107,6 +108,14 @@ class LLOPSDConfig:
 
     def checkpoint_root(self) -> Path:
         return checkpoint_root(self)
+
+    def run_identity(self) -> dict:
+        """What decides this run's result, with the loss's φ and α resolved at this R̃ (a study
+        refuses two cells that are one run, e.g. linear and shift mappings that coincide)."""
+        identity = to_dict(self)
+        identity["loss"] = self.loss.resolved_terms(self.rollout.student_loops,
+                                                    self.model.num_loops)
+        return identity
 
 
 @dataclass

@@ -35,6 +35,7 @@ from nemo_loop.algorithms.training_run import checkpoint_root
 from nemo_loop.config import to_dict
 from nemo_loop.data.prompts import BenchmarkSpec, write_prompt_set
 from nemo_loop.evaluation.config import EvalConfig
+from nemo_loop.experiments.nested import dotted, flat_keys
 from nemo_loop.models.looplm.config import LoopModelConfig
 from nemo_loop.tasks import TaskConfig, build_task
 
@@ -172,26 +173,6 @@ class CompressionExperimentConfig:
 def algorithm_settings(method: dict) -> dict:
     """A student entry without its ``algorithm`` key: the overrides of the algorithm's config."""
     return {key: value for key, value in (method or {}).items() if key != "algorithm"}
-
-
-def dotted(values: dict) -> dict:
-    """``{"a.b": 1}`` → ``{"a": {"b": 1}}`` (for merging dotted keys into nested configs)."""
-    nested: dict = {}
-    for key, value in values.items():
-        *parents, last = key.split(".")
-        target = nested
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[last] = value
-    return nested
-
-
-def flat_keys(values, prefix: str = "") -> list[str]:
-    """Every leaf key of a nested dict, dotted."""
-    if not isinstance(values, dict) or not values:
-        return [prefix] if prefix else []
-    return [key for name, value in values.items()
-            for key in flat_keys(value, f"{prefix}.{name}" if prefix else str(name))]
 
 
 def refuse_decided_keys(chosen: Algorithm, settings: dict, where: str) -> None:

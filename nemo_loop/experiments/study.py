@@ -38,11 +38,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_loop.config import CONF_DIR, load_config, read_section, to_dict
-from nemo_loop.experiments.compression import (
-    EVALUATION_SPLITS,
-    CompressionExperimentConfig,
-    dotted,
-    flat_keys,
+from nemo_loop.experiments.compression import EVALUATION_SPLITS, CompressionExperimentConfig
+from nemo_loop.experiments.nested import differences, dotlist, dotted, flat_items, lookup
+from nemo_loop.experiments.preregistration import (
+    Preregistration,
+    TuningConfig,
+    refuse_overrides,
+    section_text,
 )
 from nemo_loop.models.looplm.config import LoopModelConfig
 
@@ -118,6 +120,11 @@ class StudyConfig:
     # evaluation_split: settings (budgets, the mapping an ablation uses) are chosen on it, and
     # the report shows it apart. It does not change any run, so it is not part of the identity.
     selection_split: str | None = "validation"
+    # Fixed before the study runs (nemo_loop/experiments/preregistration.py): hypotheses, the
+    # primary analysis, the seeds and the pretraining gate. Empty: not pre-registered.
+    preregistration: Preregistration = field(default_factory=Preregistration)
+    # A tuning study's axes (student.<key>): its report picks each method's best value.
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
     def axes(self) -> dict[str, list]:
         """The grid's axes, dotted, in order."""
@@ -177,28 +184,6 @@ def _label(value) -> str:
     return re.sub(r"[^\w.-]+", "_", text)
 
 
-def dotlist(items: dict) -> list[str]:
-    """``{key: value}`` → ``["key=value"]`` that OmegaConf parses back to the same values."""
-    out = []
-    for key, value in items.items():
-        if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w./-]*", value) and \
-                value.lower() not in ("true", "false", "null", "none", "yes", "no", "on", "off"):
-            out.append(f"{key}={value}")
-        else:
-            out.append(f"{key}={json.dumps(value)}")
-    return out
-
-
-def flat_items(values: dict, prefix: str = "") -> dict:
-    return {key: _lookup(values, key) for key in flat_keys(values, prefix)}
-
-
-def _lookup(values: dict, key: str):
-    for part in key.split(".") if key else []:
-        values = values[part]
-    return values
-
-
 @dataclass(frozen=True)
 class Cell:
     name: str
@@ -235,10 +220,11 @@ class Study:
     """A validated study: its cells, units and each unit's experiment config."""
 
     def __init__(self, config: StudyConfig, experiment: dict | None = None,
-                 pretrainings: dict[str, str] | None = None):
-        """``experiment`` and ``pretrainings`` (cell → its pretraining) come from study.json
-        when a claimed study is loaded; otherwise they are resolved and every cell is
-        validated, before anything runs."""
+                 pretrainings: dict[str, str] | None = None,
+                 same_run: dict[str, str] | None = None):
+        """``experiment``, ``pretrainings`` (cell → its pretraining) and ``same_run`` (cell → the
+        cell whose run it is) come from study.json when a claimed study is loaded; otherwise
+        they are resolved and every cell is validated, before anything runs."""
         config.validate()
         self.config = config
         self.root = Path(config.output_dir)
@@ -249,10 +235,18 @@ class Study:
         self._check_axes()
         self._settings: dict[str, CompressionExperimentConfig] = {}
         self._pretrainings = pretrainings or {}
+        # cell → the cell whose run it is (a cell the grid spells twice runs once)
+        self.same_run: dict[str, str] = same_run or {}
         if pretrainings is None:
             self._pretrainings = self._pretraining_ids()  # validates every cell
-            self._refuse_duplicate_cells()
+            self.same_run = self._same_runs()
         self.baselines = self._baselines()
+        num_loops = self.experiment["model"]["num_loops"]
+        config.preregistration.validate(config.seeds, config.selection_split, num_loops)
+        config.tuning.validate(list(config.axes()), self.experiment["evaluation_split"],
+                               config.preregistration)
+        # The pre-registration as written in the study file (the report copies it verbatim).
+        self.preregistration_text: str | None = None
 
     # ----- the base experiment and the cells -----
 
@@ -393,18 +387,52 @@ class Study:
 
     # ----- units -----
 
+    def seeds_in_effect(self) -> tuple[list[int], dict[int, dict]]:
+        """The seeds the study's results come from — its seeds in order, each one the
+        pre-registered pretraining gate turned down replaced by the next spare seed — and the
+        gate's verdict on every seed judged so far (from the shared units' records)."""
+        gate = self.config.preregistration.gate
+        if not gate.active:
+            return list(self.config.seeds), {}
+        pretrainings = list(dict.fromkeys(self._pretrainings[c.name] for c in self.cells))
+        verdicts, chosen = {}, []
+        for seed in [*self.config.seeds, *gate.spare_seeds]:
+            if len(chosen) == len(self.config.seeds):
+                break
+            outcomes = [(read_unit(self.root, Unit("shared", seed, p).name) or {}).get("gate")
+                        for p in pretrainings]
+            judged = [outcome for outcome in outcomes if outcome is not None]
+            if judged:
+                verdicts[seed] = {"passed": all(o["passed"] for o in judged),
+                                  "accuracy": min(o["accuracy"] for o in judged),
+                                  "loops": judged[0]["loops"],
+                                  "complete": len(judged) == len(outcomes)}
+            if not verdicts.get(seed, {"passed": True})["passed"]:
+                continue
+            chosen.append(seed)
+        return chosen, verdicts
+
     def units(self, seeds: list[int] | None = None) -> list[Unit]:
-        """Seed by seed: the shared units, then every cell (a finished seed is complete)."""
+        """Seed by seed (default: the seeds in effect): the shared units, then every cell that
+        is its own run (a finished seed is complete)."""
         units = []
-        for seed in seeds or self.config.seeds:
+        for seed in seeds or self.seeds_in_effect()[0]:
             for pretraining in dict.fromkeys(self._pretrainings[c.name] for c in self.cells):
                 units.append(Unit("shared", seed, pretraining))
-            units += [Unit("cell", seed, self._pretrainings[c.name], c.name)
-                      for c in self.cells]
+            units += [self.cell_unit(c.name, seed) for c in self.cells
+                      if c.name not in self.same_run]
         return units
 
+    def cell_unit(self, cell: str, seed: int) -> Unit:
+        """The unit that holds ``cell``'s run at ``seed`` (another cell's, for a cell that is the
+        same run)."""
+        run = self.same_run.get(cell, cell)
+        return Unit("cell", seed, self._pretrainings[run], run)
+
     def unit(self, name: str) -> Unit:
-        for unit in self.units():
+        """Any unit of the study, also of a seed the gate turned down or a spare seed."""
+        candidates = [*self.config.seeds, *self.config.preregistration.gate.spare_seeds]
+        for unit in self.units(candidates):
             if unit.name == name:
                 return unit
         raise StudyError(f"no unit {name!r} in study {self.config.name}")
@@ -433,35 +461,46 @@ class Study:
 
     # ----- identity: refuse to mix two studies in one directory -----
 
-    def run_identity(self, name: str) -> dict:
+    def run_identity(self, name: str, resolved: bool = False) -> dict:
         """What decides the cell's results at a given seed: its shared phases' settings and its
-        student's resolved config without the paths and seeds filled in per seed."""
+        student's resolved config without the paths and seeds filled in per seed. ``resolved``:
+        with the algorithm's objective written out where it can (LLOPSD: φ and α at this R̃), so
+        that two spellings of one run compare equal."""
         config = self.cell_settings(name)
         chosen = config.student_algorithm(name)
-        student = to_dict(config.student_config(name))
+        student_config = config.student_config(name)
+        student = (student_config.run_identity() if resolved and hasattr(student_config,
+                                                                         "run_identity")
+                   else to_dict(student_config))
         for key in ("output_dir", "trainer.init_from", *chosen.seed_keys,
                     *([f"{chosen.prompts_key}.path"] if chosen.prompts_key else [])):
             *parents, last = key.split(".")
-            _lookup(student, ".".join(parents)).pop(last)
+            lookup(student, ".".join(parents)).pop(last)
         return {"shared": self._shared_part(config), "student": student}
 
-    def _refuse_duplicate_cells(self) -> None:
-        """Two cells that are the same run (an axis that does not reach a method, e.g. R̃ for
-        an algorithm that trains every loop) would cost twice and count twice."""
-        seen: dict[str, str] = {}
+    def _same_runs(self) -> dict[str, str]:
+        """Cells that are one run (an axis that does not reach a method, e.g. R̃ for an algorithm
+        that trains every loop; two loop mappings that coincide at this R̃) → the first of them.
+        Such a run is trained and evaluated once; each cell still gets its own baseline."""
+        first: dict[str, str] = {}
+        same = {}
         for cell in self.cells:
-            key = json.dumps(self.run_identity(cell.name), sort_keys=True, default=str)
-            if key in seen:
-                raise StudyError(f"cells {seen[key]} and {cell.name} are the same run: the axes "
-                                 f"that tell them apart do not reach method {cell.method!r} "
-                                 f"(algorithm {self.algorithm_of(cell.name)!r}); give such a "
-                                 f"method its own study, or change the grid")
-            seen[key] = cell.name
+            key = json.dumps(self.run_identity(cell.name, resolved=True), sort_keys=True,
+                             default=str)
+            if key in first:
+                same[cell.name] = first[key]
+            else:
+                first[key] = cell.name
+        return same
 
     def fingerprint_source(self) -> dict:
-        """Everything that decides a run's result except the seed list (which may grow)."""
-        return {"name": self.config.name,
-                "cells": {cell.name: self.run_identity(cell.name) for cell in self.cells}}
+        """Everything that decides a run's result except the seed list (which may grow), and the
+        pre-registration if there is one (which may not change)."""
+        source = {"name": self.config.name,
+                  "cells": {cell.name: self.run_identity(cell.name) for cell in self.cells}}
+        if self.config.preregistration.declared:
+            source["preregistration"] = to_dict(self.config.preregistration)
+        return source
 
     def fingerprint(self) -> str:
         text = json.dumps(self.fingerprint_source(), sort_keys=True, default=str)
@@ -472,8 +511,10 @@ class Study:
                 "experiment": self.experiment, "cells": [
                     {"name": cell.name, "axes": cell.axes(),
                      "algorithm": self.algorithm_of(cell.name),
-                     "pretraining": self._pretrainings[cell.name]} for cell in self.cells],
-                "fingerprint_source": self.fingerprint_source()}
+                     "pretraining": self._pretrainings[cell.name],
+                     "same_run_as": self.same_run.get(cell.name)} for cell in self.cells],
+                "fingerprint_source": self.fingerprint_source(),
+                "preregistration_text": self.preregistration_text}
 
     def claim_directory(self, command: str | None = None) -> None:
         """Write study.json (with the command that runs the study), or check that the
@@ -483,16 +524,24 @@ class Study:
         if path.is_file():
             stored = json.loads(path.read_text())
             if stored.get("fingerprint") != record["fingerprint"]:
-                differences = _differences(stored.get("fingerprint_source", {}),
-                                           record["fingerprint_source"])
+                changed = differences(stored.get("fingerprint_source", {}),
+                                      record["fingerprint_source"])
+                if any(d.startswith("preregistration") for d in changed):
+                    raise StudyError(
+                        f"{self.root} holds this study as it was pre-registered; a "
+                        f"pre-registered field changed: "
+                        f"{'; '.join(d for d in changed if d.startswith('preregistration'))}"
+                        f". A pre-registration is not edited after the study started: revert "
+                        f"it, or pre-register a new study in another output_dir")
                 raise StudyError(
                     f"{self.root} holds a different study ({stored['study']['name']!r}); "
-                    f"differences: {'; '.join(differences[:8]) or 'unknown'}. Refusing to mix "
+                    f"differences: {'; '.join(changed[:8]) or 'unknown'}. Refusing to mix "
                     f"results: choose another output_dir, or delete {self.root}")
             # Seeds may grow: record the union.
             record["study"]["seeds"] = list(dict.fromkeys(stored["study"]["seeds"]
                                                           + self.config.seeds))
             record["command"] = command or stored.get("command")
+            record["preregistration_text"] = stored.get("preregistration_text")
         self.root.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1, default=str))
 
@@ -508,26 +557,23 @@ class Study:
         config.output_dir = str(root)
         if seeds:
             config.seeds = seeds
-        return cls(config, stored["experiment"],
-                   {cell["name"]: cell["pretraining"] for cell in stored["cells"]})
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (added/removed included)."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return [] if old == new else [f"{prefix or '<root>'}: {old!r} → {new!r}"]
-    found = []
-    for key in sorted(set(old) | set(new), key=str):
-        where = f"{prefix}.{key}" if prefix else str(key)
-        if key not in old:
-            found.append(f"{where} added")
-        elif key not in new:
-            found.append(f"{where} removed")
-        else:
-            found += _differences(old[key], new[key], where)
-    return found
+        study = cls(config, stored["experiment"],
+                    {cell["name"]: cell["pretraining"] for cell in stored["cells"]},
+                    {cell["name"]: cell["same_run_as"] for cell in stored["cells"]
+                     if cell.get("same_run_as")})
+        study.preregistration_text = stored.get("preregistration_text")
+        return study
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     """A study YAML + ``key=value`` overrides → a validated :class:`Study`."""
-    return Study(load_config(StudyConfig, path, overrides))
+    refuse_overrides(list(overrides or []))
+    study = Study(load_config(StudyConfig, path, overrides))
+    study.preregistration_text = section_text(path)
+    return study
+
+
+def read_unit(root: Path, name: str) -> dict | None:
+    """A unit's record (``units/<unit>.json``), None if it has not recorded itself."""
+    path = Path(root) / "units" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None

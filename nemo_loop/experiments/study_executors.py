@@ -60,10 +60,13 @@ def run_local(study: Study) -> dict[str, str]:
     workers = study.config.executor.parallel_units
     running: dict[str, tuple[subprocess.Popen, float, str]] = {}
     while pending or running:
-        for name in [name for name, (process, _, _) in running.items()
-                     if process.poll() is not None]:
+        finished = [name for name, (process, _, _) in running.items()
+                    if process.poll() is not None]
+        for name in finished:
             process, started, prefix = running.pop(name)
             states[name] = _finish(study, study.unit(name), process.returncode, started, prefix)
+        if finished and study.config.preregistration.gate.active:
+            units = _follow_the_gate(study, units, pending, states, running)
         for item in list(pending):
             index, unit = item
             if len(running) >= workers:
@@ -84,7 +87,28 @@ def run_local(study: Study) -> dict[str, str]:
             running[unit.name] = (_start(study, unit, prefix, workers), time.perf_counter(),
                                   prefix)
         time.sleep(0.2 if running else 0)
-    return {unit.name: states[unit.name] for unit in units}
+    return {unit.name: states[unit.name] for unit in units if unit.name in states}
+
+
+def _follow_the_gate(study: Study, units: list[Unit], pending: list, states: dict,
+                     running: dict) -> list[Unit]:
+    """After a shared unit finished, the pretraining gate may have replaced its seed: drop the
+    pending units of seeds no longer in effect and queue the replacement seed's units (shared
+    first). Returns the updated unit list."""
+    current = study.units()
+    wanted = {unit.name for unit in current}
+    for item in [item for item in pending if item[1].name not in wanted]:
+        pending.remove(item)
+        print(f"[study {study.config.name}] {item[1].name}: not run, seed {item[1].seed} did "
+              f"not pass the pretraining gate", flush=True)
+    known = set(states) | set(running) | {unit.name for _, unit in pending}
+    added = [(len(units) + index, unit) for index, unit in enumerate(
+        [unit for unit in current if unit.name not in known and not is_done(study.root,
+                                                                            unit.name)],
+        start=1)]
+    pending.extend(added)
+    pending.sort(key=lambda item: item[1].kind != "shared")
+    return units + [unit for _, unit in added]
 
 
 def _prefix(study: Study, index: int, units: list[Unit]) -> str:

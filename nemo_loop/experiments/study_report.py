@@ -27,6 +27,14 @@ from pathlib import Path
 
 from nemo_loop.experiments.statistics import Interval, mean_interval, paired_interval, verdict
 from nemo_loop.experiments.study import Study, Unit
+from nemo_loop.experiments.study_sections import (
+    gate_markdown,
+    gate_summary,
+    preregistration_markdown,
+    tuning_choices,
+    tuning_markdown,
+    write_tuned,
+)
 from nemo_loop.experiments.study_units import DONE, read_unit
 
 REPORT_MD, SUMMARY_JSON = "report.md", "summary.json"
@@ -52,18 +60,24 @@ def collect(study: Study) -> dict:
 
 
 def result_rows(study: Study, records: dict) -> list[dict]:
+    """One row per model × seed × loop budget: the pretrained model of every shared unit, and
+    every cell (a cell that is another cell's run repeats that run's rows, ``same_run_as``)."""
     rows = []
-    for unit in study.units():
+    units = [(unit, unit.cell) for unit in study.units()]
+    units += [(study.cell_unit(cell.name, seed), cell.name) for seed in study.config.seeds
+              for cell in study.cells if cell.name in study.same_run]
+    for unit, cell_name in units:
         record = records[unit.name]
         if unit.kind == "shared":
             name, method, algorithm, axes = "pretrained", "pretrained", "pretrain", {}
         else:
-            cell = study.cell(unit.cell)
+            cell = study.cell(cell_name)
             name, method, axes = cell.name, cell.method, cell.axes()
             algorithm = study.algorithm_of(cell.name)
         base = {"study": study.config.name, "cell": name, "method": method,
                 "algorithm": algorithm, "seed": unit.seed, "pretraining": unit.pretraining,
                 **{f"axis:{axis}": value for axis, value in axes.items()},
+                "same_run_as": study.same_run.get(name),
                 "state": record["state"], "log": record.get("log")}
         if record["state"] != DONE:
             rows.append({**base, "loops": None, "accuracy": None})
@@ -89,9 +103,8 @@ def _selection_columns(record: dict, loops: str) -> dict:
 def _complete(study: Study, records: dict, cell: str | None, pretraining: str = "") -> list:
     """The cell's records over all seeds, or None if a seed is not done."""
     found = []
-    for seed in study.config.seeds:
-        unit = Unit("cell", seed, study.pretraining_of(cell), cell) if cell else \
-            Unit("shared", seed, pretraining)
+    for seed in study.seeds_in_effect()[0]:
+        unit = study.cell_unit(cell, seed) if cell else Unit("shared", seed, pretraining)
         record = records.get(unit.name)
         if record is None or record["state"] != DONE:
             return None
@@ -135,7 +148,8 @@ def summarize(study: Study, records: dict) -> dict:
     for cell in study.cells:
         complete = _complete(study, records, cell.name)
         entry = {"axes": cell.axes(), "method": cell.method, "complete": bool(complete),
-                 "algorithm": study.algorithm_of(cell.name)}
+                 "algorithm": study.algorithm_of(cell.name),
+                 "same_run_as": study.same_run.get(cell.name)}
         if complete:
             entry.update(
                 student_loops=complete[0]["student_loops"],
@@ -156,9 +170,16 @@ def summarize(study: Study, records: dict) -> dict:
                 "error": (record.get("error") or "").splitlines()[0] if record.get("error")
                 else None}
                for name, record in records.items() if record["state"] != DONE]
-    return {"study": study.config.name, "seeds": study.config.seeds,
-            "baseline": study.config.baseline_values(), "references": references, "cells": cells,
-            "missing": missing}
+    summary = {"study": study.config.name, "seeds": study.seeds_in_effect()[0],
+               "baseline": study.config.baseline_values(), "references": references,
+               "cells": cells, "missing": missing, "gate": gate_summary(study)}
+    summary["tuning"] = tuning_choices(study, summary, _judged_cell)
+    return summary
+
+
+def _judged_cell(summary: dict, name: str) -> str:
+    cell = summary["cells"][name]
+    return _judged_at(summary, name, len(cell["accuracy"]))
 
 
 def _paired(cell: list[dict], baseline: list[dict]) -> dict:
@@ -226,6 +247,8 @@ def markdown(study: Study, summary: dict, command: str | None) -> str:
                 f"*pretrained* row).", ""]
     if command:
         sections += ["Command:", "", f"```bash\n{command}\n```", ""]
+    sections += preregistration_markdown(study) + gate_markdown(summary["gate"])
+    sections += tuning_markdown(study, summary["tuning"])
     sections += ["## Accuracy per loop budget", "", *lines, "",
                  f"![accuracy vs loops]({PLOTS['loops']})", ""]
     if paired:
@@ -247,6 +270,15 @@ def markdown(study: Study, summary: dict, command: str | None) -> str:
                      f"![accuracy vs training compute]({PLOTS['compute']})",
                      f"![accuracy vs inference cost]({PLOTS['pareto']})", ""]
     sections += _selection_markdown(summary, loops)
+    same = [(name, cell["same_run_as"]) for name, cell in summary["cells"].items()
+            if cell.get("same_run_as")]
+    if same:
+        sections += ["## Cells that are one run", "",
+                     "These cells resolve to the same run as another cell (the same loop "
+                     "mapping and weights at this R̃, or an axis that does not reach the "
+                     "method): it was trained and evaluated once, and its numbers appear under "
+                     "both names, each paired with its own baseline.", ""]
+        sections += [f"- `{name}` = `{run}`" for name, run in same] + [""]
     if summary["missing"]:
         sections += ["## Missing or failed units", "",
                      "Cells with a missing seed are not averaged over fewer seeds; rerun the "
@@ -305,6 +337,7 @@ def write(study: Study, command: str | None = None) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     (root / SUMMARY_JSON).write_text(json.dumps(summary, indent=1, default=float))
+    write_tuned(root, summary["tuning"])
     plot_all(root, study, summary)
     (root / REPORT_MD).write_text(markdown(study, summary, command))
     return summary

@@ -27,20 +27,18 @@ from nemo_loop.experiments.compression import (
     train_student,
     write_prompt_sets,
 )
-from nemo_loop.experiments.study import Study, StudyError, Unit
+from nemo_loop.experiments.study import Study, StudyError, Unit, read_unit
 from nemo_loop.utils.flops import LoopShape, generation_flops
 
 UNITS_DIR = "units"
 DONE, FAILED = "done", "failed"
+# A cell of a seed the pre-registered pretraining gate turned down: not run (a spare seed
+# takes the seed's place).
+EXCLUDED = "excluded"
 
 
 def unit_path(root: Path, name: str) -> Path:
     return Path(root) / UNITS_DIR / f"{name}.json"
-
-
-def read_unit(root: Path, name: str) -> dict | None:
-    path = unit_path(root, name)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def is_done(root: Path, name: str) -> bool:
@@ -85,6 +83,9 @@ def run_unit(study: Study, unit: Unit, log: str | None = None) -> dict:
             if not is_done(study.root, shared.name):
                 raise StudyError(f"the shared unit {shared.name} (pretraining, prompt sets) has "
                                  f"not finished: {read_unit(study.root, shared.name)}")
+            gate = read_unit(study.root, shared.name).get("gate")
+            if gate is not None and not gate["passed"]:
+                return _exclude(study, unit, log, gate)
             result = _cell(study, unit)
     except Exception as error:
         if rank == 0:
@@ -98,6 +99,17 @@ def run_unit(study: Study, unit: Unit, log: str | None = None) -> dict:
     return record
 
 
+def _exclude(study: Study, unit: Unit, log: str | None, gate: dict) -> dict:
+    """A cell of a seed the pretraining gate turned down is recorded as excluded, not run."""
+    record = {**describe(study, unit), "state": EXCLUDED, "log": log, "gate": gate}
+    if torch.distributed.get_rank() == 0:
+        write_unit(study.root, unit.name, record)
+        print(f"{unit.name}: not run, seed {unit.seed}'s pretrained model scored "
+              f"{gate['accuracy']:.3f} < {gate['min_accuracy']} at {gate['loops']} loops "
+              f"(the pre-registered pretraining gate)", flush=True)
+    return record
+
+
 def _shared(study: Study, unit: Unit) -> dict:
     config = study.shared_config(unit)
     clock = PhaseClock()
@@ -106,11 +118,20 @@ def _shared(study: Study, unit: Unit) -> dict:
     clock.run("write prompt sets", write_prompt_sets, config, (selection,) if selection else ())
     clock.run("evaluate: pretrained", evaluate_model, config, PRETRAINED)
     result = _selection(clock, config, PRETRAINED, selection)
+    evaluation = evaluation_result(config, PRETRAINED)
+    gate = study.config.preregistration.gate
+    if gate.active:
+        # validation: the selection split, or the evaluation split itself (a tuning study)
+        scores = result["selection"] if selection else evaluation
+        result["gate"] = gate.outcome(scores["accuracy"], config.model.num_loops)
+        verdict = "passed" if result["gate"]["passed"] else "FAILED: the seed is replaced"
+        print(f"pretraining gate: {result['gate']['accuracy']:.3f} at {result['gate']['loops']} "
+              f"loops on validation (minimum {gate.min_accuracy}) — {verdict}", flush=True)
     pretraining = config.pretrain_config()
     return {"phase_seconds": clock.seconds,
             "train_flops": run_flops(Path(pretraining.output_dir),
                                      pretraining.trainer.max_steps),
-            **evaluation_result(config, PRETRAINED), **result}
+            **evaluation, **result}
 
 
 def _cell(study: Study, unit: Unit) -> dict:

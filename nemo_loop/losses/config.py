@@ -119,6 +119,25 @@ class LoopDistillConfig:
         """φ as a 1-based list."""
         return loop_mapping(self.mapping, student_loops, teacher_loops, self.mapping_list)
 
+    def resolved_terms(self, student_loops: int, teacher_loops: int) -> dict:
+        """The objective with φ and α written out: ``terms`` lists (student loop, teacher loop,
+        α) for every loop with α > 0, so two spellings of one objective compare equal (at R̃ = 3
+        of R = 4, ``linear`` and ``shift`` are both φ = [2, 3, 4]; under ``terminal`` weights
+        only φ(R̃) counts). Adaptive weights depend on the run, so they keep φ and the kind."""
+        mapping = self.teacher_loop_for_each_student_loop(student_loops, teacher_loops)
+        described = {name: getattr(self, name) for name in ("divergence", "temperature",
+                                                            "top_k", "reduction", "objective",
+                                                            "nonfinite")}
+        if self.divergence == "jsd":
+            described["beta"] = self.beta
+        if self.top_k is not None:
+            described["top_k_mode"] = self.top_k_mode
+        if self.weighting == "adaptive":
+            return {**described, "mapping": mapping, "weighting": "adaptive"}
+        weights = self.fixed_loop_weights(student_loops).tolist()
+        return {**described, "terms": [[r, target, round(alpha, 12)] for r, (target, alpha)
+                                       in enumerate(zip(mapping, weights), start=1) if alpha]}
+
     def fixed_loop_weights(self, student_loops: int) -> torch.Tensor:
         """α for every weighting except ``"adaptive"``, which depends on the divergences."""
         return loop_weights(self.weighting, student_loops, gamma=self.gamma,

@@ -109,10 +109,6 @@ def test_student_axes_reach_the_cells_method(tmp_path):
     (["grid.student_loops=[]"], "grid axis 'student_loops' has no values"),
     (["methods.llopsd.rollout.student_loops=3"], "which the experiment decides"),
     (["executor.kind=cloud"], "executor.kind"),
-    # R̃ does not reach an algorithm that trains every loop: two cells would be one run
-    (["grid.student_loops=[2,3]", "methods.rpt.algorithm=looprpt",
-      "grid.method=[terminal_only,rpt]"],
-     r"rpt\+student_loops=2 and rpt\+student_loops=3 are the same run"),
 ])
 def test_bad_studies_are_named_errors_before_anything_runs(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -144,6 +140,54 @@ def _record(study, unit, accuracies, ids=("0", "1")):
         "num_loops": 4, "problem_ids": list(ids), "correct": correct,
         "accuracy": {r: values[0] for r, values in correct.items()},
         "inference_flops_per_problem": {str(r): 1e6 * r for r in range(1, 5)}})
+
+
+def test_cells_with_the_same_resolved_objective_run_once(tmp_path):
+    """At R̃ = 3 of R = 4, linear and shift are both φ = [2, 3, 4]; at R̃ = 2 they differ. R̃
+    does not reach LoopRPT. Each such run is trained once and reported under both cells, each
+    paired with its own baseline."""
+    from nemo_loop.experiments import study_report
+    from nemo_loop.experiments.study import Study
+
+    study = _study(tmp_path, "seeds=[1,2]", "grid.student_loops=[2,3]",
+                   "methods.linear={algorithm: llopsd, loss: {mapping: linear, weighting: "
+                   "uniform}}", "methods.rpt={algorithm: looprpt}",
+                   "grid.method=[terminal_only,llopsd,linear,rpt]")
+    assert study.same_run == {"linear+student_loops=3": "llopsd+student_loops=3",
+                              "rpt+student_loops=3": "rpt+student_loops=2"}
+    names = [unit.name for unit in study.units()]
+    assert "linear+student_loops=2-seed1" in names
+    assert "linear+student_loops=3-seed1" not in names and "rpt+student_loops=3-seed2" not in names
+    # a different divergence is a different run even with the same φ and α
+    assert _study(tmp_path / "other", "grid.student_loops=[3]",
+                  "methods.linear={algorithm: llopsd, loss: {mapping: linear, divergence: jsd}}",
+                  "grid.method=[terminal_only,llopsd,linear]").same_run == {}
+
+    study.claim_directory()
+    assert Study.load(tmp_path).same_run == study.same_run
+    units = {unit.name: unit for unit in study.units()}
+    for seed, base in ((1, 0.4), (2, 0.5)):
+        _record(study, units[f"shared-seed{seed}"], [0.3, 0.35, 0.8, 0.99])
+        for loops in (2, 3):
+            _record(study, units[f"terminal_only+student_loops={loops}-seed{seed}"],
+                    [0.3, base, base + 0.1 * (loops - 2), 0.9])
+            _record(study, units[f"llopsd+student_loops={loops}-seed{seed}"],
+                    [0.3, base + 0.05, base + 0.2, 0.9])
+        _record(study, units[f"linear+student_loops=2-seed{seed}"], [0.3, base, 0.8, 0.9])
+        _record(study, units[f"rpt+student_loops=2-seed{seed}"], [0.3, base, 0.6, 0.9])
+    summary = study_report.write(study)
+    same = summary["cells"]["linear+student_loops=3"]
+    assert same["complete"] and same["same_run_as"] == "llopsd+student_loops=3"
+    assert same["accuracy"] == summary["cells"]["llopsd+student_loops=3"]["accuracy"]
+    rpt = summary["cells"]["rpt+student_loops=3"]["versus"]
+    assert rpt["baseline"] == "terminal_only+student_loops=3"
+    assert rpt["difference"]["3"]["mean"] == pytest.approx(0.6 - (0.45 + 0.1))
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    repeated = [row for row in rows if row["cell"] == "linear+student_loops=3"]
+    assert len(repeated) == 2 * 4 and {row["same_run_as"] for row in repeated} == {
+        "llopsd+student_loops=3"}
+    assert "`linear+student_loops=3` = `llopsd+student_loops=3`" in (
+        tmp_path / "report.md").read_text()
 
 
 def test_report_means_paired_differences_and_missing_seeds(tmp_path):
