@@ -126,7 +126,7 @@ class LoopDistillConfig:
         only φ(R̃) counts). Adaptive weights depend on the run, so they keep φ and the kind."""
         mapping = self.teacher_loop_for_each_student_loop(student_loops, teacher_loops)
         described = {name: getattr(self, name) for name in ("divergence", "temperature",
-                                                            "top_k", "reduction", "objective",
+                                                            "top_k", "aggregation", "objective",
                                                             "nonfinite")}
         if self.divergence == "jsd":
             described["beta"] = self.beta
