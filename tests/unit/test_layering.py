@@ -8,7 +8,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nemo_loop"
 LAYERS = {
     "config": 0, "utils": 0,
     "data": 1,
-    "models": 2, "losses": 2, "generation": 2, "checkpointing": 2, "tasks": 2,
+    "models": 2, "losses": 2, "generation": 2, "checkpointing": 2, "checkpoint_manifest": 2,
+    "tasks": 2,
     "algorithms": 3,
     "evaluation": 4,
     "experiments": 5,
