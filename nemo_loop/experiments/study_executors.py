@@ -3,7 +3,7 @@
 Both launch the same command per unit, ``recipes/study.py unit <study dir> ...``, in its own
 process tree (a crash or an OOM kill fails that unit only), and both skip units that are done,
 so a killed study continues where it stopped and a rerun retries what failed. A unit holds the
-lock ``units/<unit>.lock`` while it runs (:mod:`nemo_loop.utils.run_lock`), so a second copy
+lock ``locks/<unit>.lock`` while it runs (:mod:`nemo_loop.utils.run_lock`), so a second copy
 of it — a rerun beside a unit that is still running — refuses at once, naming the first.
 
 * ``local``: ``executor.parallel_units`` units at a time (the cores split between them), the

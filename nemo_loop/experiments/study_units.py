@@ -33,11 +33,16 @@ from nemo_loop.utils.flops import LoopShape, generation_flops
 from nemo_loop.utils.run_lock import hold_lock
 
 UNITS_DIR = "units"
+LOCKS_DIR = "locks"  # apart from units/, whose every file is a unit record
 DONE, FAILED = "done", "failed"
 
 
 def unit_path(root: Path, name: str) -> Path:
     return Path(root) / UNITS_DIR / f"{name}.json"
+
+
+def unit_lock_path(root: Path, name: str) -> Path:
+    return Path(root) / LOCKS_DIR / f"{name}.lock"
 
 
 def read_unit(root: Path, name: str) -> dict | None:
@@ -80,7 +85,7 @@ def run_unit(study: Study, unit: Unit, log: str | None = None) -> dict:
     rank 0 takes the unit's lock for the rest of the process: a second copy of a unit that
     is still running refuses (on every rank) naming it, and records nothing."""
     rank = torch.distributed.get_rank()
-    lock = unit_path(study.root, unit.name).with_suffix(".lock")
+    lock = unit_lock_path(study.root, unit.name)
     lock.parent.mkdir(parents=True, exist_ok=True)
     run_collectively(lambda: hold_lock(lock, f"unit {unit.name} of study {study.root}"),
                      str, StudyError, rank_zero_only=True)

@@ -135,7 +135,7 @@ def test_units_die_with_a_sigkilled_runner_and_a_second_copy_is_refused(tmp_path
          "settings.pretrain.trainer.max_steps=100000",
          "settings.pretrain.trainer.micro_batch_size=16"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lock = tmp_path / "units" / "shared-seed1.lock"
+    lock = tmp_path / "locks" / "shared-seed1.lock"
     descendants: list[int] = []
     try:
         deadline = time.monotonic() + 240

@@ -345,12 +345,12 @@ def test_the_runner_forwards_sigterm_to_its_units_and_stops(tmp_path, monkeypatc
 def test_a_second_copy_of_a_running_unit_refuses_and_records_nothing(
         megatron_single_process, tmp_path):
     from nemo_loop.experiments.study import StudyError
-    from nemo_loop.experiments.study_units import run_unit, unit_path
+    from nemo_loop.experiments.study_units import run_unit, unit_lock_path, unit_path
     from nemo_loop.utils.run_lock import hold_lock
 
     study = _study(tmp_path, "seeds=[1]")
     study.claim_directory()
-    lock = unit_path(tmp_path, "shared-seed1").with_suffix(".lock")
+    lock = unit_lock_path(tmp_path, "shared-seed1")
     lock.parent.mkdir(parents=True)
     holder = _process_holding(lock)
     try:
