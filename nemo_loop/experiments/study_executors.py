@@ -98,10 +98,10 @@ class _UnitProcesses:
 
     @staticmethod
     def _signal_group(process: subprocess.Popen, signum: int) -> None:
-        if process.poll() is None:
+        if process.returncode is None:  # not reaped yet (no waitpid here: signal handler)
             try:
                 os.killpg(process.pid, signum)
-            except ProcessLookupError:
+            except ProcessLookupError:  # the whole group has exited
                 pass
 
     def start(self, command: list[str], **options) -> subprocess.Popen:
@@ -118,8 +118,7 @@ class _UnitProcesses:
             signal.signal(signum, previous)
         for process in self.processes:
             self._signal_group(process, signal.SIGKILL)
-            if process.poll() is None:
-                process.wait()
+            process.wait()
 
 
 def _run_units(study: Study, processes: _UnitProcesses) -> dict[str, str]:
