@@ -27,7 +27,6 @@ from typing import ClassVar
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import unwrap_model
 
 from nemo_loop.algorithms import step_flops
 from nemo_loop.algorithms.common import (
@@ -45,6 +44,7 @@ from nemo_loop.algorithms.rollouts import (
 from nemo_loop.algorithms.training_run import (
     CheckpointConfig,
     CheckpointedTrainerConfig,
+    TrainerState,
     TrainingRun,
     checkpoint_root,
 )
@@ -194,21 +194,27 @@ class Objective:
         return loss, metrics
 
 
-@dataclass
-class GRPOState:
-    config: GRPOConfig
-    ddp_model: torch.nn.Module
-    optimizer: object
-    scheduler: object
+@dataclass(kw_only=True)
+class GRPOState(TrainerState):
     reference_model: torch.nn.Module | None  # the initial weights; None when loss.kl_coef = 0
     objective: Objective
-    engine: GenerationEngine | None  # built once the weights are final (after resume)
     task: Task
     tokenizer: ChatTokenizer
     records: list
-    sampler: PromptSampler
-    run: TrainingRun
-    step: int = 0
+    engine: GenerationEngine | None = None  # built once the weights are final (after resume)
+
+    def extra_modules(self) -> dict:
+        modules = dict(self.objective.extra_modules())
+        if self.reference_model is not None:
+            modules["reference"] = self.reference_model
+        return modules
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "objective": self.objective.state_dict()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        super().load_state_dict(saved)
+        self.objective.load_state_dict(saved.get("objective", {}))
 
 
 def setup(config: GRPOConfig, objective_class: type[Objective] = Objective) -> GRPOState:
@@ -219,35 +225,16 @@ def setup(config: GRPOConfig, objective_class: type[Objective] = Objective) -> G
     uses_reference = config.loss.kl_coef > 0
     run = TrainingRun(config, tokenizer, model_copies=2 if uses_reference else 1)
     trainable = build_trainable_model(config, run)
-    model, ddp_model = trainable.model, trainable.ddp_model
-    optimizer, scheduler = trainable.optimizer, trainable.scheduler
-    reference = trainable.frozen_copy() if uses_reference else None
     records = load_prompt_set(config.data)
-    state = GRPOState(config, ddp_model, optimizer, scheduler, reference,
-                      objective_class(config, model), None, task, tokenizer, records,
-                      PromptSampler(len(records), config.trainer.seed), run)
-    trainer_state = run.resume(ddp_model, optimizer, scheduler, _extra_modules(state))
-    if trainer_state is not None:
-        state.step = trainer_state["step"]
-        state.sampler.load_state_dict(trainer_state["data_position"])
-        state.objective.load_state_dict(trainer_state.get("objective", {}))
+    state = GRPOState(
+        config, trainable, run, PromptSampler(len(records), config.trainer.seed),
+        reference_model=trainable.frozen_copy() if uses_reference else None,
+        objective=objective_class(config, trainable.model), task=task, tokenizer=tokenizer,
+        records=records)
+    run.resume(state)
     # After resume: a vLLM engine starts with a copy of the weights it is built from.
-    state.engine = build_engine(config.generation, model)
+    state.engine = build_engine(config.generation, state.model)
     return state
-
-
-def _extra_modules(state: GRPOState) -> dict:
-    modules = dict(state.objective.extra_modules())
-    if state.reference_model is not None:
-        modules["reference"] = state.reference_model
-    return modules
-
-
-def save(state: GRPOState) -> Path:
-    return state.run.save(state.step, state.ddp_model, state.optimizer, state.scheduler,
-                          _extra_modules(state),
-                          {"data_position": state.sampler.state_dict(),
-                           "objective": state.objective.state_dict()})
 
 
 def policy_micro_batches(state: GRPOState, rollouts: RolloutBatch) -> list[dict]:
@@ -306,7 +293,7 @@ def train_on_rollouts(state: GRPOState, rollouts: RolloutBatch) -> dict:
         "time_optimizer_s")
 
     phase = time.perf_counter()
-    refit = state.engine.refit(unwrap_model(state.ddp_model))
+    refit = state.engine.refit(state.model)
     timings["time_refit_s"] = time.perf_counter() - phase
     state.step += 1
     metrics.update(timings)
@@ -356,7 +343,7 @@ def train_policy(config: GRPOConfig, objective_class: type[Objective] = Objectiv
     """Train to ``trainer.max_steps`` (resuming from the newest checkpoint), saving at
     ``trainer.save_interval``, at the end and on preemption."""
     state = setup(config, objective_class)
-    return state.run.train(state, policy_step, save, format_step)
+    return state.run.train(state, policy_step, format_step)
 
 
 def train(config: GRPOConfig) -> list[dict]:
