@@ -61,13 +61,6 @@ class ExitGateConfig(PretrainConfig):
             raise ValueError("trainer.init_from is required: Stage II trains the exit gate of a "
                              "trained model (a run directory, its checkpoints, a step or a "
                              "model-only directory)")
-        if check_paths:
-            from nemo_loop.checkpointing import resolve_checkpoint
-
-            try:
-                resolve_checkpoint(self.trainer.init_from)
-            except FileNotFoundError as error:
-                raise FileNotFoundError(f"trainer.init_from: {error}") from None
         if self.parallel.pipeline_parallel > 1:
             raise ValueError("exit-gate training needs parallel.pipeline_parallel=1: only the "
                              "last stage holds the gate, the others would train nothing")

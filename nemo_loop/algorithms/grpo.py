@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -46,7 +45,6 @@ from nemo_loop.algorithms.training_run import (
     CheckpointedTrainerConfig,
     TrainerState,
     TrainingRun,
-    checkpoint_root,
 )
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
@@ -113,9 +111,6 @@ class GRPOConfig:
             raise ValueError(f"trainer.updates_per_batch must be >= 1, got "
                              f"{self.trainer.updates_per_batch}")
         check_sampled_distribution(self.rollout, self.ALGORITHM)
-
-    def checkpoint_root(self) -> Path:
-        return checkpoint_root(self)
 
 
 def check_sampled_distribution(rollout: RolloutConfig, algorithm: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
@@ -41,7 +40,6 @@ from nemo_loop.algorithms.training_run import (
     CheckpointedTrainerConfig,
     TrainerState,
     TrainingRun,
-    checkpoint_root,
 )
 from nemo_loop.config import to_dict
 from nemo_loop.data.chat import ChatTokenizer
@@ -117,9 +115,6 @@ class LLOPSDConfig:
             raise ValueError(f"trainer.collapse_steps must be >= 0 (0: no warning), got "
                              f"{self.trainer.collapse_steps}")
         self.teacher.context.validate(build_task(self.task), self.rollout.samples_per_prompt)
-
-    def checkpoint_root(self) -> Path:
-        return checkpoint_root(self)
 
     def run_identity(self) -> dict:
         """What decides this run's result, with the loss's φ and α resolved at this R̃ (a study

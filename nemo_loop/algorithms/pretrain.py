@@ -22,6 +22,7 @@ from nemo_loop.algorithms.training_run import (
     TrainerState,
     TrainingRun,
     check_global_batch,
+    validate_run_sections,
 )
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.sequences import teacher_forced_batch
@@ -80,11 +81,8 @@ class PretrainConfig:
         """``check_paths=False`` skips the checks on files an earlier phase writes (the text
         corpus)."""
         self.model.validate(self.parallel.tensor_parallel, self.parallel.pipeline_parallel)
-        self.optim.validate()
+        validate_run_sections(self, check_paths)
         self.loss.validate()
-        self.checkpoint.validate()
-        self.trainer.validate_checkpointing()
-        self.wandb.validate()
         self.task.validate()
         self.data.validate(self.model.vocab_size, self.model.max_sequence_length, check_paths)
         if self.data.source == "task":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -38,7 +37,6 @@ from nemo_loop.algorithms.training_run import (
     TrainerState,
     TrainingRun,
     check_global_batch,
-    checkpoint_root,
     validate_run_sections,
 )
 from nemo_loop.data.chat import ChatTokenizer
@@ -127,9 +125,6 @@ class SFTConfig:
                                trainer.micro_batch_size
                                if trainer.max_tokens_per_micro_batch is None else 1,
                                parallel.data_parallel(world_size))
-
-    def checkpoint_root(self) -> Path:
-        return checkpoint_root(self)
 
 
 @dataclass

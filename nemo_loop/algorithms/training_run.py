@@ -173,21 +173,10 @@ class TrainerState:
     sampler: PromptSampler | None = None  # None: the data is indexed by the step
     step: int = 0  # steps done
 
-    @property
-    def model(self):  # this rank's stage, unwrapped
-        return self.trainable.model
-
-    @property
-    def ddp_model(self):
-        return self.trainable.ddp_model
-
-    @property
-    def optimizer(self):
-        return self.trainable.optimizer
-
-    @property
-    def scheduler(self):
-        return self.trainable.scheduler
+    model = property(lambda self: self.trainable.model)  # this rank's stage, unwrapped
+    ddp_model = property(lambda self: self.trainable.ddp_model)
+    optimizer = property(lambda self: self.trainable.optimizer)
+    scheduler = property(lambda self: self.trainable.scheduler)
 
     def extra_modules(self) -> dict:
         """Modules checkpointed sharded beside the model (an EMA teacher, a reference)."""
