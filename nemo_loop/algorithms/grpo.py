@@ -13,8 +13,9 @@ loss is normalized over the whole step (``common.train_step``).
 
 RLTT (``rltt.py``) and OISD (``oisd.py``) are the same loop with another :class:`Objective`: it
 names the loops the loss reads out, computes one micro-batch's loss and may hold trainable
-state of its own (RLTT's learned loop weights). Everything else — rollouts, micro-batches,
-reference log-probs, the optimizer step, checkpoints, resume, logging — is this file's.
+state of its own (RLTT's learned loop weights, checkpointed through :class:`GRPOState`).
+Everything else — rollouts, micro-batches, reference log-probs, the optimizer step — is this
+file's; checkpoints, resume, the loop and logging are ``TrainingRun``'s.
 """
 
 from __future__ import annotations
