@@ -1,26 +1,16 @@
-"""The train loop every algorithm shares, and the state it trains, saves and resumes.
-
-:class:`TrainerState` is what a run trains (config, the trainable model, the run, the data
-sampler, the step) and what it checkpoints beside the weights (``extra_modules``, e.g. an EMA
-teacher; ``state_dict``, e.g. the data position); algorithm states extend it. :class:`TrainingRun`
-owns the output and checkpoint directories, initial weights, resume, saving and the one loop
-(torchtitan's Trainer/CheckpointManager split, with megatron-core dist checkpointing):
+"""The train loop every algorithm shares, and the state it trains, saves and resumes
+(torchtitan's Trainer/CheckpointManager split, over megatron-core dist checkpointing).
 
     run = TrainingRun(config, tokenizer, model_copies=1)   # storage checked, before the model
     state = MyState(config, build_trainable_model(config, run), run, sampler=...)
-    run.resume(state)                                      # newest checkpoint, if any
+    run.resume(state)                                      # the newest checkpoint, if any
     history = run.train(state, my_step, format_step)       # my_step(state) advances state.step
 
-``train`` logs every ``trainer.log_interval`` steps, scores held-out data through its ``heldout``
-hook (validation every ``trainer.eval_interval`` steps, validation and test after the last step,
-in that step's record), saves at ``trainer.save_interval``, at the end and on SIGUSR1/SIGTERM
-(then exits for a requeue), and stops after ``trainer.max_skipped_steps`` non-finite steps in
-a row.
-
-An algorithm's config provides ``output_dir``, ``model``, ``wandb``, ``checkpoint``
-(:class:`CheckpointConfig`) and a ``trainer`` section that extends
-:class:`CheckpointedTrainerConfig` with at least ``max_steps`` and ``log_interval`` (and
-``eval_interval`` with a held-out hook).
+:class:`TrainerState` is what is trained and checkpointed; an algorithm's state extends it with
+its ``extra_modules`` (an EMA teacher) and ``state_dict`` entries. An algorithm's config
+provides ``output_dir``, ``model``, ``wandb``, ``checkpoint`` (:class:`CheckpointConfig`) and a
+``trainer`` section that extends :class:`CheckpointedTrainerConfig` with at least ``max_steps``
+and ``log_interval`` (and ``eval_interval`` with a held-out hook).
 """
 
 from __future__ import annotations
@@ -350,15 +340,12 @@ class TrainingRun:
     def train(self, state: TrainerState, step: Callable[[TrainerState], dict], formatter,
               log_first_step: bool = False,
               heldout: Callable[[str], dict] | None = None) -> list[dict]:
-        """``step(state)`` (which advances ``state.step``) until ``trainer.max_steps``; returns
-        every step's metrics, then the final held-out scores (with ``heldout``).
-
-        Each step's metrics (with its ``step``) are logged every ``trainer.log_interval``
-        steps, at the end and, with ``log_first_step``, after step 1. ``heldout(split)`` scores
-        held-out data: ``validation`` every ``trainer.eval_interval`` steps and ``validation``
-        and ``test`` after the last; its scores join the step's record, so each step is one
-        record. Then the checkpoint (at ``trainer.save_interval``, at the end and on a
-        pre-timeout/preemption signal; see :meth:`_Loop.end_of_step`)."""
+        """``step(state)`` (which advances ``state.step``) until ``trainer.max_steps``. Logs the
+        step's metrics every ``trainer.log_interval`` steps, at the end and (``log_first_step``)
+        after step 1; ``heldout(split)`` scores validation every ``trainer.eval_interval``
+        steps and validation and test after the last step, in the step's record (one record
+        per step). Then :meth:`_Loop.end_of_step`: non-finite streaks, saves, preemption.
+        Returns every step's metrics, then the final held-out scores."""
         history = []
         max_steps = self.trainer.max_steps
         with self._loop(formatter, state.step) as loop:
