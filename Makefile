@@ -12,14 +12,14 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-vllm.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-vllm.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	# torch first and alone so that pip takes the local CPU wheel rather than a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --ignore-requires-python -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --ignore-requires-python -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	# vLLM's CPU build, constrained by the pins above; it drags in CUDA torchvision/torchaudio/
 	# torchcodec builds that break `import vllm` on CPU torch, and nothing here needs them.
-	$(PY) -m pip install -q --ignore-requires-python -r requirements-vllm.txt -c requirements.txt
+	$(PY) -m pip install -q --ignore-requires-python -r requirements-vllm.txt -c requirements.txt -c constraints.txt
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -4,6 +4,7 @@ A checkpoint root (``<output_dir>/checkpoints`` by default) holds::
 
     step_0000004/              one complete checkpoint, renamed into place once fully written
         checkpoint.json        written last: kind, step, tokenizer, parallel layout, file sizes
+                               (and SHA-256s with checkpoint.verify=checksum)
         model_config.yaml      the model the weights belong to
         trainer_state.json     step, LR scheduler, data position, ...
         rng/rank00000.pt       each rank's RNG streams
@@ -18,8 +19,11 @@ naming it (:func:`nemo_loop.models.looplm.config.architecture_differences`).
 
 Saves are synchronous and in-process (:func:`_in_process_writes`), every file and directory is
 fsynced before the staging directory is renamed and before the ``latest`` marker moves, and a
-failed save names its cause. Resuming takes the newest complete checkpoint whose files and load
-check out, falling back to older ones with a warning.
+failed save names its cause and removes its staging directory. Nothing is saved from weights
+holding a NaN or infinity, and a staging directory is published only if every shard its
+dist-checkpoint index (``.metadata``) refers to is there, as large as the index says, and every
+file of its manifest has the recorded size. Resuming takes the newest complete checkpoint whose
+files and load check out, falling back to older ones with a warning.
 
 Loading the distributed optimizer needs three workarounds for megatron-core 0.19.2
 (:mod:`nemo_loop.utils.optimizer_compat`).
@@ -28,6 +32,7 @@ Loading the distributed optimizer needs three workarounds for megatron-core 0.19
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -38,8 +43,19 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
-from torch.distributed.checkpoint.api import CheckpointException
 
+from nemo_loop.checkpoint_manifest import (  # noqa: F401 - the errors are part of this API
+    INFO_FILE,
+    MODEL_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    VERIFY_MODES,
+    CheckpointLoadError,
+    CheckpointSaveError,
+    check_publishable,
+    read_info,
+    verify_files,
+    write_info,
+)
 from nemo_loop.models.looplm.config import (
     LoopModelConfig,
     architecture_differences,
@@ -47,6 +63,7 @@ from nemo_loop.models.looplm.config import (
     read_model_config,
     write_model_config,
 )
+from nemo_loop.utils.collective import FAILURES, root_os_error, run_collectively
 from nemo_loop.utils.optimizer_compat import (
     materialise_optimizer_state,
     restore_per_parameter_steps,
@@ -55,6 +72,7 @@ from nemo_loop.utils.optimizer_compat import (
 from nemo_loop.utils.storage import (
     describe_os_error,
     fsync_tree,
+    human_bytes,
     replace_durably,
     write_durably,
 )
@@ -62,14 +80,8 @@ from nemo_loop.utils.storage import (
 log = logging.getLogger(__name__)
 
 LATEST = "latest_checkpointed_step.txt"
-INFO_FILE = "checkpoint.json"
-MODEL_CONFIG_FILE = "model_config.yaml"
-TRAINER_STATE_FILE = "trainer_state.json"
 STAGING_SUFFIX = ".tmp"
-FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"step_(\d+)")
-# What a failed save or load raises (torch's CheckpointException is a BaseException).
-_FAILURES = (Exception, CheckpointException)
 # Canonical per-parameter optimizer state: reshardable across TP, PP and DP.
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -78,12 +90,8 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint was written for another model or tokenizer than the one loading it."""
 
 
-class CheckpointSaveError(RuntimeError):
-    """A save failed; the message names the cause (e.g. no space left on the device)."""
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint's files are missing, truncated or unreadable."""
+class NonFiniteCheckpointError(CheckpointSaveError):
+    """The weights to save hold a NaN or infinity; nothing was written."""
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -103,63 +111,20 @@ def tokenizer_identity(tokenizer, source: str) -> dict:
     return {"source": str(source), "vocab_size": len(vocab), "vocab_sha256": digest}
 
 
-# ----- collective error handling: a failure on any rank is raised on every rank -----
+# ----- describing failures -----
 
 
 def _rank() -> int:
     return torch.distributed.get_rank()
 
 
-def run_collectively(action, describe, error_type: type[Exception],
-                     rank_zero_only: bool = False):
-    """Run ``action`` (on every rank, or on rank 0 only); if it raised anywhere, raise
-    ``error_type`` on every rank with ``describe(error)``, so no rank is left waiting in a
-    collective. Returns the action's result (rank 0's when ``rank_zero_only``)."""
-    result, error, report = None, None, None
-    if not rank_zero_only or _rank() == 0:
-        try:
-            result = action()
-        except _FAILURES as caught:  # re-raised below, on every rank
-            error = caught
-            report = (_root_os_error(caught) is not None, describe(caught))
-    reports = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(reports, report)
-    failed = [r for r in reports if r is not None]
-    if failed:
-        # Prefer the ranks that know the root cause (an OSError) over their echoes.
-        known = [text for cause_known, text in failed if cause_known] or [t for _, t in failed]
-        message = "; ".join(dict.fromkeys(known))
-        if error is not None:
-            raise error_type(message) from error
-        raise error_type(message)
-    if rank_zero_only:
-        box = [result]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
-
-
-def _root_os_error(error: BaseException | None) -> OSError | None:
-    """The first OSError in ``error``'s cause chain, or in a torch checkpoint exception's
-    per-rank failures."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError):
-            return error
-        for failure in getattr(error, "failures", {}).values():
-            nested = _root_os_error(failure[0] if isinstance(failure, tuple) else failure)
-            if nested is not None:
-                return nested
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _failure_description(what: str, path: Path):
+def _failure_description(what: str, path: Path, space_needed: int | None = None):
     def describe(error: BaseException) -> str:
-        cause = _root_os_error(error)
+        cause = root_os_error(error)
         if cause is not None:
             reason = describe_os_error(cause, path)
+            if space_needed and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                reason += f"; a checkpoint needs about {human_bytes(space_needed)}"
         else:
             # torch's CheckpointException only says which ranks failed; say how they failed.
             failures = [f[0] if isinstance(f, tuple) else f
@@ -195,8 +160,8 @@ def _in_process_writes():
     writer.write_preloaded_data = staticmethod(write_keeping_errors)
     try:
         yield
-    except _FAILURES as error:
-        if writer_errors and _root_os_error(error) is None:
+    except FAILURES as error:
+        if writer_errors and root_os_error(error) is None:
             raise error from writer_errors[0]
         raise
     finally:
@@ -207,29 +172,15 @@ def _in_process_writes():
 # ----- writing -----
 
 
-def _write_info(directory: Path, kind: str, step: int | None, tokenizer: dict | None) -> None:
-    """The manifest, written last: its presence marks a complete checkpoint, and the file
-    sizes it lists let a resume detect a truncated or missing shard before loading."""
-    from megatron.core import parallel_state
-
-    files = {path.relative_to(directory).as_posix(): path.stat().st_size
-             for path in sorted(directory.rglob("*")) if path.is_file()}
-    layout = {"tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
-              "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-              "data_parallel": parallel_state.get_data_parallel_world_size(),
-              "world_size": torch.distributed.get_world_size()}
-    info = {"format": FORMAT_VERSION, "kind": kind, "step": step,
-            "model_config": MODEL_CONFIG_FILE, "tokenizer": tokenizer, "parallel": layout,
-            "files": files}
-    (directory / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-
-
 def _write_staged(final: Path, write_shards, kind: str, step: int | None, model_config,
-                  tokenizer: dict | None, rank_zero_files: dict[str, str]) -> Path:
+                  tokenizer: dict | None, rank_zero_files: dict[str, str],
+                  checksums: bool = False, space_needed: int | None = None) -> Path:
     """Write into ``<final>.tmp`` (collective), then on rank 0: the small files, the model
-    config, the manifest, fsync of the whole tree, and the rename onto ``final``."""
+    config, the manifest, fsync of the whole tree, the completeness check and the rename onto
+    ``final``. A failure removes the staging directory (once every rank stopped writing) and
+    names its cause, with ``space_needed`` when the disk was full."""
     staging = _staging_dir(final)
-    describe = _failure_description(f"saving the {kind} checkpoint", final)
+    describe = _failure_description(f"saving the {kind} checkpoint", final, space_needed)
 
     def fresh_staging():
         shutil.rmtree(staging, ignore_errors=True)
@@ -239,16 +190,37 @@ def _write_staged(final: Path, write_shards, kind: str, step: int | None, model_
         for name, text in rank_zero_files.items():
             (staging / name).write_text(text)
         write_model_config(model_config, staging / MODEL_CONFIG_FILE)
-        _write_info(staging, kind, step, tokenizer)
+        info = write_info(staging, kind, step, tokenizer, checksums)
         fsync_tree(staging)
+        check_publishable(staging, info, kind)
         if final.exists():
             shutil.rmtree(final)
         replace_durably(staging, final)
 
     run_collectively(fresh_staging, describe, CheckpointSaveError, rank_zero_only=True)
-    run_collectively(lambda: write_shards(staging), describe, CheckpointSaveError)
-    run_collectively(commit, describe, CheckpointSaveError, rank_zero_only=True)
+    try:
+        run_collectively(lambda: write_shards(staging), describe, CheckpointSaveError)
+        run_collectively(commit, describe, CheckpointSaveError, rank_zero_only=True)
+    except CheckpointSaveError:
+        # every rank is here (run_collectively agreed on the failure): nothing writes anymore
+        if _rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     return final
+
+
+def _check_finite(modules: dict[str, torch.nn.Module], final: Path) -> None:
+    """Collective: no rank's shard of the weights to save holds a NaN or infinity."""
+    def check() -> None:
+        for prefix, module in modules.items():
+            for name, param in module.named_parameters():
+                if not torch.isfinite(param).all():
+                    kind = "NaN" if torch.isnan(param).any() else "infinite"
+                    raise NonFiniteCheckpointError(f"{prefix}{name} holds {kind} values")
+
+    run_collectively(check, lambda error: f"rank {_rank()}: refusing to save {final}: {error} "
+                                          f"(the previous checkpoints are kept)",
+                     NonFiniteCheckpointError)
 
 
 def _sharded_state(ddp_model, optimizer, extra_modules, for_load: bool):
@@ -264,9 +236,13 @@ def _sharded_state(ddp_model, optimizer, extra_modules, for_load: bool):
 def save_checkpoint(root: str | Path, step: int, ddp_model, optimizer, scheduler,
                     extra_modules: dict | None = None, trainer_state: dict | None = None, *,
                     model_config: LoopModelConfig | None = None, tokenizer: dict | None = None,
-                    keep_last: int = 0) -> Path:
+                    keep_last: int = 0, checksums: bool = False,
+                    space_needed: int | None = None) -> Path:
     """Write ``root/step_N`` atomically (collective), mark it latest, then keep only the
-    newest ``keep_last`` complete checkpoints (0: all).
+    newest ``keep_last`` complete checkpoints (0: all). Weights holding a NaN or infinity are
+    never saved (:class:`NonFiniteCheckpointError`, before anything is written), so every
+    checkpoint retention keeps is finite. ``checksums``: record each file's SHA-256 in the
+    manifest; ``space_needed``: the size the error of a full disk states.
 
     ``extra_modules`` (e.g. an EMA teacher) are saved sharded beside the model;
     ``trainer_state`` (JSON) holds the data position and anything else to resume.
@@ -274,6 +250,9 @@ def save_checkpoint(root: str | Path, step: int, ddp_model, optimizer, scheduler
     :func:`tokenizer_identity`. A crash mid-save leaves the earlier checkpoints untouched.
     """
     root = Path(root)
+    _check_finite({"": ddp_model.module, **{f"{name}.": module for name, module
+                                            in (extra_modules or {}).items()}},
+                  _step_dir(root, step))
     state = {**(trainer_state or {}), "step": step, "scheduler": scheduler.state_dict()}
 
     def write_shards(staging: Path) -> None:
@@ -285,7 +264,7 @@ def save_checkpoint(root: str | Path, step: int, ddp_model, optimizer, scheduler
 
     final = _write_staged(_step_dir(root, step), write_shards, "training", step,
                           model_config or model_config_of(ddp_model.module.config), tokenizer,
-                          {TRAINER_STATE_FILE: json.dumps(state)})
+                          {TRAINER_STATE_FILE: json.dumps(state)}, checksums, space_needed)
 
     def mark_latest_and_prune():
         write_durably(root / LATEST, str(step))
@@ -297,14 +276,18 @@ def save_checkpoint(root: str | Path, step: int, ddp_model, optimizer, scheduler
 
 
 def save_model_checkpoint(model, path: str | Path, *, model_config: LoopModelConfig | None = None,
-                          tokenizer: dict | None = None) -> Path:
-    """Save only the model's sharded weights to ``path``, atomically (collective)."""
+                          tokenizer: dict | None = None, checksums: bool = False) -> Path:
+    """Save only the model's sharded weights to ``path``, atomically (collective); never from
+    weights holding a NaN or infinity."""
+    _check_finite({"": model}, Path(path))
+
     def write_shards(staging: Path) -> None:
         with _in_process_writes():
             dist_checkpointing.save({"model": model.sharded_state_dict()}, str(staging))
 
     return _write_staged(Path(path), write_shards, "model", None,
-                         model_config or model_config_of(model.config), tokenizer, {})
+                         model_config or model_config_of(model.config), tokenizer, {},
+                         checksums)
 
 
 # ----- finding, checking and pruning -----
@@ -354,14 +337,6 @@ def remove_old_checkpoints(root: str | Path, keep_last: int, saved_step: int) ->
     return removed
 
 
-def read_info(directory: str | Path) -> dict:
-    path = Path(directory) / INFO_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointLoadError(f"{path} is unreadable: {error}") from error
-
-
 def stored_model_config_file(directory: str | Path) -> tuple[Path | None, list[Path]]:
     """The model config a checkpoint directory was written with (its own file, or for a
     converter's ``<dir>/model`` the one beside it), and the paths looked at."""
@@ -401,18 +376,6 @@ def check_compatible(directory: str | Path, model_config: LoopModelConfig,
     return info
 
 
-def verify_files(directory: Path, info: dict) -> None:
-    """Every file the manifest lists exists with its recorded size."""
-    for name, size in info.get("files", {}).items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointLoadError(f"{path} is missing")
-        actual = path.stat().st_size
-        if actual != size:
-            raise CheckpointLoadError(f"{path} has {actual} bytes, {size} were written "
-                                      f"(truncated or overwritten)")
-
-
 def _describe_layout_change(directory: Path, info: dict) -> None:
     from megatron.core import parallel_state
 
@@ -433,11 +396,12 @@ def _describe_layout_change(directory: Path, info: dict) -> None:
 def load_checkpoint(root: str | Path, ddp_model, optimizer, scheduler, step: int | None = None,
                     extra_modules: dict | None = None, *,
                     model_config: LoopModelConfig | None = None,
-                    tokenizer: dict | None = None) -> dict | None:
+                    tokenizer: dict | None = None, verify: str = "size") -> dict | None:
     """Restore the newest complete checkpoint under ``root`` (or the one of ``step``) and
     return its trainer state, with ``"path"`` added; None when ``root`` holds none.
 
-    A checkpoint with a missing or truncated file, or one whose load fails, is skipped with a
+    A checkpoint with a missing or truncated file (``verify="checksum"``: or a file whose
+    SHA-256 differs from the recorded one), or one whose load fails, is skipped with a
     warning naming the problem, and the previous complete one is tried; if none loads, the
     error lists them all. A checkpoint of another model is an error, never skipped.
     """
@@ -454,7 +418,7 @@ def load_checkpoint(root: str | Path, ddp_model, optimizer, scheduler, step: int
     for path in candidates:
         try:
             info = _load_checked(path, ddp_model, optimizer, scheduler, extra_modules,
-                                 model_config, tokenizer)
+                                 model_config, tokenizer, verify)
         except CheckpointLoadError as error:
             problems.append(str(error))
             if _rank() == 0:
@@ -469,14 +433,14 @@ def load_checkpoint(root: str | Path, ddp_model, optimizer, scheduler, step: int
 
 
 def _load_checked(path: Path, ddp_model, optimizer, scheduler, extra_modules, model_config,
-                  tokenizer) -> dict:
-    """Manifest, compatibility (an error, never a fallback), file sizes, then the load; every
-    step agreed on by all ranks. Returns the manifest with the trainer state added."""
+                  tokenizer, verify: str = "size") -> dict:
+    """Manifest, compatibility (an error, never a fallback), file sizes (and checksums), then
+    the load; every step agreed on by all ranks. Returns the manifest with the trainer state
+    added."""
     info = run_collectively(lambda: read_info(path), _failure_description("reading", path),
                             CheckpointLoadError)
     check_compatible(path, model_config, tokenizer)
-    run_collectively(lambda: verify_files(path, info), _failure_description("checking", path),
-                     CheckpointLoadError)
+    _verify_collectively(path, info, verify)
     trainer_state = run_collectively(
         lambda: _load_training_state(path, ddp_model, optimizer, scheduler, extra_modules),
         _failure_description("loading", path), CheckpointLoadError)
@@ -503,14 +467,27 @@ def _load_training_state(path: Path, ddp_model, optimizer, scheduler,
     return trainer_state
 
 
-def load_model_checkpoint(model, path: str | Path, *, tokenizer: dict | None = None) -> None:
+def _verify_collectively(path: Path, info: dict, verify: str) -> None:
+    """:func:`verify_files` on every rank, the checksums split between the ranks."""
+    part = ((_rank(), torch.distributed.get_world_size())
+            if torch.distributed.is_initialized() else (0, 1))
+    check = lambda: verify_files(path, info, verify, part)  # noqa: E731
+    if torch.distributed.is_initialized():
+        run_collectively(check, _failure_description("checking", path), CheckpointLoadError)
+    else:
+        check()
+
+
+def load_model_checkpoint(model, path: str | Path, *, tokenizer: dict | None = None,
+                          verify: str = "size") -> None:
     """Load the model part of a checkpoint (model-only or training) into ``model``, whatever
-    TP/PP layout it was saved under, after checking that it was written for this model."""
+    TP/PP layout it was saved under, after checking that it was written for this model and
+    that its files are whole (``verify``: "size" or "checksum", see :func:`verify_files`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     info = check_compatible(path, model_config_of(model.config), tokenizer)
-    verify_files(path, info)
+    _verify_collectively(path, info, verify)
     with torch.no_grad():
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
         model.load_state_dict(state["model"])

@@ -107,6 +107,9 @@ def status(argv: list[str]) -> None:
 
 
 def unit(argv: list[str]) -> None:
+    from nemo_loop.utils.processes import die_with_launcher
+
+    die_with_launcher()  # a local runner's unit (or its torchrun's worker) dies with the runner
     from nemo_loop.experiments.study import Study
     from nemo_loop.experiments.study_units import run_unit
     from nemo_loop.utils.distributed import init_distributed

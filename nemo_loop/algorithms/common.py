@@ -153,7 +153,13 @@ def train_step(ddp_model, optimizer, scheduler, micro_batches: Sequence[dict],
                                      compute_logits=compute_logits)
     finalize_model_grads([ddp_model])
     backward_done = time.perf_counter()
-    update_ok, grad_norm, _ = optimizer.step()
+    loss_bad, grads_bad = non_finite_step(ddp_model, metrics)
+    if loss_bad or grads_bad:
+        # megatron's fp32 and bf16 optimizers apply NaN gradients (only fp16's loss scaler
+        # checks for them): skipped here, on every rank alike — no update, no LR step.
+        update_ok, grad_norm = False, float("nan") if grads_bad else None
+    else:
+        update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)
     summary = sum_metrics(metrics)
@@ -162,7 +168,33 @@ def train_step(ddp_model, optimizer, scheduler, micro_batches: Sequence[dict],
     summary["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     summary["lr"] = optimizer.param_groups[0]["lr"]
     summary["update_skipped"] = not update_ok
+    summary["nonfinite_loss"], summary["nonfinite_grads"] = loss_bad, grads_bad
     return summary
+
+
+def non_finite_step(ddp_model, micro_batch_metrics: list[dict]) -> tuple[bool, bool]:
+    """Whether any rank's loss (the ``loss`` metric of its micro-batches, on the last stage)
+    or gradients (its reduced grad buffers) hold a NaN or infinity: one all-reduce and one
+    host copy, so every rank and stage decides alike. Under fp16 the loss scaler owns
+    overflowing gradients."""
+    device = torch.device("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    bad = [torch.zeros((), dtype=torch.bool, device=device)] * 2
+    for metrics in micro_batch_metrics:
+        if "loss" in metrics:
+            loss = torch.as_tensor(metrics["loss"], device=device)
+            bad[0] = bad[0] | ~torch.isfinite(loss).all()
+    buffers = getattr(ddp_model, "buffers", None)  # megatron DDP's grad buffers
+    if isinstance(buffers, list) and not getattr(ddp_model.module.config, "fp16", False):
+        for buffer in buffers + ddp_model.expert_parallel_buffers:
+            if buffer.grad_data is not None and buffer.grad_data.numel():
+                # min and max propagate NaN and keep ±inf, without a full-size temporary
+                low, high = torch.aminmax(buffer.grad_data)
+                bad[1] = bad[1] | ~(torch.isfinite(low) & torch.isfinite(high)).to(device)
+    flags = torch.stack(bad).to(torch.int32)
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    loss_bad, grads_bad = flags.tolist()
+    return bool(loss_bad), bool(grads_bad)
 
 
 def sum_metrics(per_micro_batch: list[dict]) -> dict:

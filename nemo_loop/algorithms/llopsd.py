@@ -8,6 +8,7 @@ optimizer steps, the EMA moves and the engine is refit.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +53,13 @@ from nemo_loop.models.looplm.config import LoopModelConfig
 from nemo_loop.models.looplm.pipeline import forward_backward_loops
 from nemo_loop.tasks import Task, TaskConfig, build_task
 from nemo_loop.utils.distributed import ParallelConfig
-from nemo_loop.utils.logging import WandbConfig
+from nemo_loop.utils.logging import WandbConfig, is_logging_rank
+
+log = logging.getLogger(__name__)
 
 TEACHER_MODES = ("same", "ema", "frozen")
+# A student whose entropy and loss both stay below these has collapsed onto single tokens.
+COLLAPSED_ENTROPY, COLLAPSED_LOSS = 1e-3, 1e-4
 
 
 @dataclass
@@ -77,6 +82,10 @@ class LLOPSDTrainerConfig(CheckpointedTrainerConfig):
     max_tokens_per_micro_batch: int | None = None
     log_interval: int = 1
     seed: int = 1234
+    # Warn (once) when the student's entropy and loss stay ≈ 0 for this many steps in a row: a
+    # collapsed student (one token per position, e.g. after a far too high optim.lr) gives
+    # the divergence nothing to learn while every metric looks finite. 0: never.
+    collapse_steps: int = 3
 
 
 @dataclass
@@ -104,6 +113,9 @@ class LLOPSDConfig:
                              f"{self.teacher.mode!r}")
         if not 0.0 <= self.teacher.ema_decay < 1.0:
             raise ValueError(f"teacher.ema_decay must be in [0, 1), got {self.teacher.ema_decay}")
+        if self.trainer.collapse_steps < 0:
+            raise ValueError(f"trainer.collapse_steps must be >= 0 (0: no warning), got "
+                             f"{self.trainer.collapse_steps}")
         self.teacher.context.validate(build_task(self.task), self.rollout.samples_per_prompt)
 
     def checkpoint_root(self) -> Path:
@@ -116,6 +128,36 @@ class LLOPSDConfig:
         identity["loss"] = self.loss.resolved_terms(self.rollout.student_loops,
                                                     self.model.num_loops)
         return identity
+
+
+class CollapseMonitor:
+    """Warns once when the student's entropy (every loop) and loss stay ≈ 0 for ``steps``
+    steps in a row (on the rank that holds the metrics)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.streak, self.warned = steps, [], False
+
+    def observe(self, step: int, metrics: dict) -> None:
+        entropy, loss = metrics.get("student_entropy_per_loop"), metrics.get("loss")
+        if self.warned or not self.steps or entropy is None or loss is None or \
+                not is_logging_rank():
+            return
+        if max(entropy) < COLLAPSED_ENTROPY and abs(loss) < COLLAPSED_LOSS:
+            self.streak.append((step, entropy, loss, metrics.get("grad_norm"), metrics["lr"]))
+        else:
+            self.streak = []
+        if len(self.streak) == self.steps:
+            self.warned = True
+            numbers = "; ".join(
+                f"step {s}: entropy per loop [{' '.join(f'{h:.2e}' for h in e)}], loss "
+                f"{v:.2e}, grad norm {g if g is None else f'{g:.2e}'}"
+                for s, e, v, g, _ in self.streak)
+            log.warning("the student has collapsed: its entropy and its loss stayed ≈ 0 for %d "
+                        "steps in a row (%s). It puts all its mass on single tokens, so "
+                        "distillation has nothing left to learn; a far too high learning rate "
+                        "(now %.3g, optim.lr) is the usual cause. Training continues (warned "
+                        "once; trainer.collapse_steps=0 turns this off).", self.steps, numbers,
+                        self.streak[-1][-1])
 
 
 @dataclass
@@ -132,6 +174,7 @@ class LLOPSDState:
     sampler: PromptSampler
     run: TrainingRun
     step: int = 0
+    collapse: CollapseMonitor = field(default_factory=lambda: CollapseMonitor(0))
 
 
 def setup(config: LLOPSDConfig) -> LLOPSDState:
@@ -147,7 +190,8 @@ def setup(config: LLOPSDConfig) -> LLOPSDState:
     records = load_prompt_set(config.data)
     state = LLOPSDState(config, ddp_model, optimizer, scheduler, teacher_model,
                         None, task, tokenizer, records,
-                        PromptSampler(len(records), config.trainer.seed), run)
+                        PromptSampler(len(records), config.trainer.seed), run,
+                        collapse=CollapseMonitor(config.trainer.collapse_steps))
     trainer_state = run.resume(ddp_model, optimizer, scheduler, _extra_modules(state))
     if trainer_state is not None:
         state.step = trainer_state["step"]
@@ -263,6 +307,7 @@ def train_on_rollouts(state: LLOPSDState, rollouts: RolloutBatch,
         refit_s=getattr(refit, "seconds", float("nan")),
     )
     metrics.update(step_flops.llopsd(config, rollouts, teacher_prompts, teacher_loops, elapsed))
+    state.collapse.observe(state.step, metrics)
     return metrics
 
 

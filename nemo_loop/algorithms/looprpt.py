@@ -284,7 +284,7 @@ def train(config: LoopRPTConfig) -> list[dict]:
                 final.update(state.source.heldout_metrics(state.ddp_model, "test"))
                 loop.log(max_steps, final)
                 history.append(final)
-            loop.end_of_step(step, lambda: save(state, step), metrics.get("loss"))
+            loop.end_of_step(step, lambda: save(state, step), metrics)
     state.run.save_final_model(unwrap_model(state.ddp_model))
     return history
 

@@ -173,18 +173,20 @@ def pretrain(config: PretrainConfig) -> list[dict]:
                                                      metrics["step_time_s"]))
             metrics["step"] = step
             history.append(metrics)
-            if step % config.trainer.log_interval == 0 or step in (1, max_steps):
-                loop.log(step, metrics)
+            heldout = {}  # held-out scores join the step's record: one record per step
             interval = config.trainer.eval_interval
             if interval and step % interval == 0 and step < max_steps:
-                loop.log(step, data.heldout_metrics(ddp_model, "validation"))
+                heldout = data.heldout_metrics(ddp_model, "validation")
             if step == max_steps:
-                final = data.heldout_metrics(ddp_model, "validation")
-                final.update(data.heldout_metrics(ddp_model, "test"))
-                loop.log(max_steps, final)
-                history.append(final)
+                heldout = data.heldout_metrics(ddp_model, "validation")
+                heldout.update(data.heldout_metrics(ddp_model, "test"))
+                history.append(heldout)
+            if step % config.trainer.log_interval == 0 or step in (1, max_steps):
+                loop.log(step, {**metrics, **heldout})
+            elif heldout:
+                loop.log(step, heldout)
             loop.end_of_step(step, lambda: run.save(step, ddp_model, optimizer, scheduler),
-                             metrics.get("loss"))
+                             metrics)
     run.save_final_model(unwrap_model(ddp_model))
     return history
 
@@ -229,16 +231,22 @@ def split_accuracy(config: PretrainConfig, task: Task, tokenizer: ChatTokenizer,
 
 
 def format_step(step: int, metrics: dict) -> str:
+    """The step line (when the record has the step's training metrics) and the held-out line
+    (when it has held-out scores)."""
+    lines = []
+    if "ce_per_loop" in metrics:
+        per_loop = " ".join(f"L{r + 1}={ce:.3f}" for r, ce in enumerate(metrics["ce_per_loop"]))
+        exits = " ".join(f"{p:.2f}" for p in metrics["exit_prob_per_loop"])
+        skipped = " | update skipped (non-finite)" if metrics.get("update_skipped") else ""
+        lines.append(f"step {step:4d} | loss {metrics['loss']:.4f} | CE per loop {per_loop} | "
+                     f"exit p [{exits}] | grad_norm {metrics['grad_norm']:.3f} | lr "
+                     f"{metrics['lr']:.2e} | {metrics['step_time_s']:.2f}s{skipped}")
     # held-out metrics: <split>_accuracy_per_loop (task) or <split>_ce_per_loop (text)
     heldout = [key for key in metrics if key.startswith(("validation_", "test_"))
                and key.endswith("_per_loop")]
     if heldout:
-        return " | ".join(
+        lines.append(" | ".join(
             f"{key.removesuffix('_per_loop').replace('_', ' ', 1)} per loop: " + " ".join(
-                f"L{r + 1}={a:.3f}" for r, a in enumerate(metrics[key])) for key in heldout)
-    per_loop = " ".join(f"L{r + 1}={ce:.3f}" for r, ce in enumerate(metrics["ce_per_loop"]))
-    exits = " ".join(f"{p:.2f}" for p in metrics["exit_prob_per_loop"])
-    return (f"step {step:4d} | loss {metrics['loss']:.4f} | CE per loop {per_loop} | "
-            f"exit p [{exits}] | grad_norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
-            f"{metrics['step_time_s']:.2f}s")
+                f"L{r + 1}={a:.3f}" for r, a in enumerate(metrics[key])) for key in heldout))
+    return "\n".join(lines)
 

@@ -10,7 +10,8 @@ weights, resume, saving at an interval / at the end / on preemption, and the met
         while step < max_steps:
             ...one step...
             loop.log(step, metrics)
-            loop.end_of_step(step, save)  # saves at the interval, the end, on SIGUSR1/SIGTERM
+            loop.end_of_step(step, save, metrics)  # saves at the interval, the end, on
+                                                   # SIGUSR1/SIGTERM; stops on non-finite steps
 
 An algorithm's config provides ``output_dir``, ``model``, ``wandb``, ``checkpoint``
 (:class:`CheckpointConfig`) and a ``trainer`` section that extends
@@ -29,17 +30,18 @@ from tqdm import tqdm
 
 from nemo_loop.checkpointing import (
     LATEST,
+    VERIFY_MODES,
     complete_checkpoints,
     load_checkpoint,
     load_model_checkpoint,
     remove_stale_staging,
     resolve_checkpoint,
-    run_collectively,
     save_checkpoint,
     save_model_checkpoint,
     tokenizer_identity,
 )
 from nemo_loop.models.looplm.config import LoopModelConfig, dtype_bytes, parameter_count
+from nemo_loop.utils.collective import run_collectively
 from nemo_loop.utils.logging import (
     METRICS_FILE,
     WANDB_ID_FILE,
@@ -48,10 +50,12 @@ from nemo_loop.utils.logging import (
     metrics_steps,
 )
 from nemo_loop.utils.preemption import Preempted, PreemptionHandler
+from nemo_loop.utils.run_lock import LOCK_FILE, hold_lock
 from nemo_loop.utils.storage import (
     StorageError,
     check_free_space,
     ensure_writable_dir,
+    human_bytes,
 )
 
 FINAL_MODEL_DIR = "model"
@@ -63,13 +67,22 @@ OPTIMIZER_BYTES_PER_PARAMETER = 12
 class CheckpointConfig:
     # Complete checkpoints kept after each successful save (the newest ones); 0 keeps all.
     keep_last: int = 2
-    # At startup, compare the free space under the checkpoint directory with one checkpoint.
+    # At startup, compare the free space under the checkpoint directory with what retention
+    # will hold at once: keep_last + 1 checkpoints (0: every save still planned).
     check_free_space: bool = True
+    # What resume and init_from check before loading: "size" (every file present with its
+    # recorded size) or "checksum" (also each file's SHA-256, recorded at save: catches a
+    # same-size corruption; costs a read of every file at save and load, see
+    # benchmarks/checkpoint_checksum.py).
+    verify: str = "size"
 
     def validate(self) -> None:
         if self.keep_last < 0:
             raise ValueError(f"checkpoint.keep_last must be >= 0 (0: keep all), got "
                              f"{self.keep_last}")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"checkpoint.verify must be one of {VERIFY_MODES}, got "
+                             f"{self.verify!r}")
 
 
 @dataclass
@@ -89,10 +102,16 @@ class CheckpointedTrainerConfig:
     # One device's peak FLOP/s (e.g. 989.4e12: an H100's dense bf16); with it every step logs
     # its MFU next to its model FLOPs and achieved FLOP/s (nemo_loop.algorithms.step_flops).
     peak_flops_per_s: float | None = None
+    # A step whose loss or gradients are not finite is skipped (no update); this many skipped
+    # in a row stop the run with an error naming the step and what was not finite.
+    max_skipped_steps: int = 5
 
     def validate_checkpointing(self) -> None:
         if self.save_interval < 0:
             raise ValueError(f"trainer.save_interval must be >= 0, got {self.save_interval}")
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"trainer.max_skipped_steps must be >= 1, got "
+                             f"{self.max_skipped_steps}")
         if self.peak_flops_per_s is not None and not self.peak_flops_per_s > 0:
             raise ValueError(f"trainer.peak_flops_per_s must be > 0 or null, got "
                              f"{self.peak_flops_per_s}")
@@ -130,11 +149,19 @@ def estimated_checkpoint_bytes(model_config: LoopModelConfig, model_copies: int 
     return count * (model_copies * dtype_bytes(model_config) + OPTIMIZER_BYTES_PER_PARAMETER)
 
 
+def _checkpoints(count: int, more: bool = False) -> str:
+    return f"{count} {'more ' if more else ''}checkpoint" + ("s" if count != 1 else "")
+
+
 class TrainingRun:
     def __init__(self, config, tokenizer=None, model_copies: int = 1):
         """Check the run's storage before the model is built (collective): the output and
-        checkpoint directories exist and take a file, leftovers of a killed save are removed,
-        another run's outputs are not mixed with this one's, and one checkpoint fits.
+        checkpoint directories exist and take a file, this process holds their run lock (a
+        second run into them refuses, naming this one), leftovers of a killed save are
+        removed, another run's outputs are not mixed with this one's, and the checkpoints
+        retention keeps at once fit. From here on a pre-timeout or preemption signal
+        (SIGUSR1/SIGTERM) is caught: one that arrives during setup requeues the job as soon as
+        the train loop starts (see :meth:`loop`).
 
         ``tokenizer``: the run's ``ChatTokenizer`` (its identity goes into every checkpoint);
         ``model_copies``: weight sets per checkpoint (2 with an EMA or frozen teacher).
@@ -148,24 +175,58 @@ class TrainingRun:
         self.checkpoint_bytes = estimated_checkpoint_bytes(config.model, model_copies)
         self.start_step = 0
         self.resumed_from: Path | None = None
-        run_collectively(self._prepare_storage,
-                         lambda error: getattr(error, "strerror", None) or str(error),
-                         StorageError, rank_zero_only=True)
+        self.preemption = PreemptionHandler()
+        try:
+            run_collectively(self._prepare_storage,
+                             lambda error: getattr(error, "strerror", None) or str(error),
+                             StorageError, rank_zero_only=True)
+        except BaseException:
+            self.preemption.close()
+            raise
 
     # ----- before the model exists -----
 
     def _prepare_storage(self) -> None:
         for directory in (self.output_dir, self.root):
             ensure_writable_dir(directory)
+        self._lock_directories()
         stale_outputs = tuple(name + ".tmp" for name in (FINAL_MODEL_DIR, METRICS_FILE))
         for stale in (remove_stale_staging(self.root)
                       + remove_stale_staging(self.output_dir, stale_outputs)):
             print(f"removed {stale}, left by a save that did not finish", flush=True)
         self._refuse_to_mix_runs()
         if self.config.checkpoint.check_free_space:
-            count = parameter_count(self.config.model)
-            check_free_space(self.root, self.checkpoint_bytes,
-                             f"one checkpoint ({count} parameters: weights and Adam state)")
+            count, why = self._checkpoints_held_at_once()
+            check_free_space(self.root, count * self.checkpoint_bytes,
+                             f"{why} of about {human_bytes(self.checkpoint_bytes)} each "
+                             f"({parameter_count(self.config.model)} parameters: weights and "
+                             f"Adam state)")
+
+    def _lock_directories(self) -> None:
+        """Before anything is read or removed: this process, and no other, writes here."""
+        hold_lock(self.output_dir / LOCK_FILE, f"output directory {self.output_dir}")
+        root, output = self.root.resolve(), self.output_dir.resolve()
+        if root != output and output not in root.parents:
+            hold_lock(self.root / LOCK_FILE, f"checkpoint directory {self.root}")
+
+    def _checkpoints_held_at_once(self) -> tuple[int, str]:
+        """How many more checkpoints the disk must take at the fullest moment, and why: a save
+        is written before retention removes the oldest, so keep_last + 1 (less those already
+        there); with keep_last=0 every save the run still plans (at the interval and the end;
+        a preemption adds one)."""
+        keep = self.config.checkpoint.keep_last
+        existing = complete_checkpoints(self.root)
+        if keep:
+            count = keep + 1 - min(len(existing), keep)
+            return count, (f"{_checkpoints(count, more=True)} (checkpoint.keep_last={keep}: "
+                           f"{keep} kept and the next one, written before the oldest is "
+                           f"removed; {len(existing)} already there)")
+        latest = existing[0][0] if existing else 0
+        interval, last = self.trainer.save_interval, self.trainer.max_steps
+        count = max(1, sum(1 for step in range(latest + 1, last + 1)
+                           if (interval and step % interval == 0) or step == last))
+        return count, (f"{_checkpoints(count)} (checkpoint.keep_last=0 keeps every one: the "
+                       f"saves planned after step {latest} up to trainer.max_steps={last})")
 
     def _refuse_to_mix_runs(self) -> None:
         """A run that will not resume must not write into another run's metrics and
@@ -207,7 +268,8 @@ class TrainingRun:
         if not self.trainer.init_from:
             return
         resolved = resolve_checkpoint(self.trainer.init_from)
-        load_model_checkpoint(model, resolved.directory, tokenizer=self.tokenizer)
+        load_model_checkpoint(model, resolved.directory, tokenizer=self.tokenizer,
+                              verify=self.config.checkpoint.verify)
         if torch.distributed.get_rank() == 0:
             print(f"initial weights from {resolved.directory}", flush=True)
 
@@ -219,7 +281,7 @@ class TrainingRun:
             return None
         state = load_checkpoint(self.root, ddp_model, optimizer, scheduler,
                                 extra_modules=extra_modules, model_config=self.config.model,
-                                tokenizer=self.tokenizer)
+                                tokenizer=self.tokenizer, verify=self.config.checkpoint.verify)
         if state is None:
             return None
         self.start_step, self.resumed_from = state["step"], Path(state["path"])
@@ -233,12 +295,15 @@ class TrainingRun:
         return save_checkpoint(self.root, step, ddp_model, optimizer, scheduler, extra_modules,
                                trainer_state, model_config=self.config.model,
                                tokenizer=self.tokenizer,
-                               keep_last=self.config.checkpoint.keep_last)
+                               keep_last=self.config.checkpoint.keep_last,
+                               checksums=self.config.checkpoint.verify == "checksum",
+                               space_needed=self.checkpoint_bytes)
 
     def save_final_model(self, model) -> Path:
         """The model-only checkpoint at ``<output_dir>/model`` (init_from and evaluation)."""
         return save_model_checkpoint(model, self.output_dir / FINAL_MODEL_DIR,
-                                     model_config=self.config.model, tokenizer=self.tokenizer)
+                                     model_config=self.config.model, tokenizer=self.tokenizer,
+                                     checksums=self.config.checkpoint.verify == "checksum")
 
     # ----- the loop -----
 
@@ -256,21 +321,34 @@ class TrainingRun:
                 if (state.step % self.trainer.log_interval == 0 or state.step == max_steps
                         or (log_first_step and state.step == 1)):
                     loop.log(state.step, metrics)
-                loop.end_of_step(state.step, lambda: save(state), metrics.get("loss"))
+                loop.end_of_step(state.step, lambda: save(state), metrics)
         return history
 
     @contextlib.contextmanager
     def loop(self, formatter, start_step: int | None = None):
         """The logger (records after the resumed step dropped), the preemption handler and a
-        progress bar; all closed on every way out."""
+        progress bar; all closed on every way out. A pre-timeout or preemption signal that
+        arrived during setup raises :class:`Preempted` here, before any step: the weights are
+        still those of the checkpoint the run resumed from, so there is nothing to save, and
+        the requeued job starts at once rather than after a step and a save it may not have
+        time for."""
         start = self.start_step if start_step is None else start_step
+        try:
+            if self.preemption.stop_requested():
+                if torch.distributed.get_rank() == 0:
+                    print(f"a pre-timeout or preemption signal arrived during setup: exiting "
+                          f"for a requeue before step {start + 1}", flush=True)
+                raise Preempted(start)
+        except BaseException:
+            self.preemption.close()
+            raise
         logger = MetricsLogger(self.config.wandb, self.config, self.output_dir, formatter,
                                resume_step=start)
         progress = tqdm(total=self.trainer.max_steps, initial=start,
                         desc=self.output_dir.name, unit="step", leave=False,
                         # None: only on a terminal; log files get the step lines instead.
                         disable=None if is_logging_rank() else True)
-        loop = _Loop(self, logger, PreemptionHandler(), progress)
+        loop = _Loop(self, logger, self.preemption, progress)
         orderly = False
         try:
             yield loop
@@ -284,23 +362,55 @@ class TrainingRun:
             logger.close(barrier=orderly)
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """``trainer.max_skipped_steps`` steps in a row had a non-finite loss or gradients."""
+
+
 class _Loop:
     def __init__(self, run: TrainingRun, logger: MetricsLogger, preemption: PreemptionHandler,
                  progress):
         self.run, self.logger, self.preemption, self.progress = run, logger, preemption, progress
+        self.skipped_steps = 0  # steps skipped as non-finite, by this process
+        self.streak: list[tuple[int, str]] = []  # (step, what was not finite), in a row
+        self._counted_step: int | None = None
 
     def log(self, step: int, metrics: dict) -> None:
+        if "update_skipped" in metrics:  # a train step's metrics (not held-out scores)
+            self._count_update(step, metrics)
+            metrics = {**metrics, "skipped_steps": self.skipped_steps}
         self.logger.log(step, metrics)
 
-    def end_of_step(self, step: int, save, loss: float | None = None) -> None:
-        """Call after every step (all ranks) with a ``save()`` closure: saves at
+    def _count_update(self, step: int, metrics: dict) -> None:
+        """Once per step (log and end_of_step both see it): the non-finite step counts. An
+        fp16 loss-scale overflow (skipped by megatron's scaler, which then lowers the scale)
+        neither counts nor ends a streak: the first steps of fp16 training are full of them."""
+        if step == self._counted_step:
+            return
+        self._counted_step = step
+        if not (metrics.get("nonfinite_loss") or metrics.get("nonfinite_grads")):
+            if not metrics.get("update_skipped"):
+                self.streak = []
+            return
+        self.skipped_steps += 1
+        self.streak.append((step, "the loss" if metrics.get("nonfinite_loss")
+                            else "the gradients"))
+
+    def end_of_step(self, step: int, save, metrics: dict | None = None) -> None:
+        """Call after every step (all ranks) with a ``save()`` closure and the step's metrics:
+        stops the run once ``trainer.max_skipped_steps`` steps in a row were skipped as
+        non-finite (:class:`NonFiniteTrainingError`, before any save); saves at
         ``trainer.save_interval``, at ``max_steps`` and when a pre-timeout/preemption signal
         arrived on any rank — then raises :class:`Preempted` (exit code 85: the batch script
         requeues the job)."""
+        metrics = metrics or {}
         self.progress.update(1)
-        if loss is not None:
-            self.progress.set_postfix(loss=f"{loss:.4f}")
+        if isinstance(metrics.get("loss"), float):
+            self.progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         trainer = self.run.trainer
+        if "update_skipped" in metrics:
+            self._count_update(step, metrics)
+            if len(self.streak) >= trainer.max_skipped_steps:
+                self._stop_non_finite(step)
         stop = step < trainer.max_steps and self.preemption.stop_requested()
         interval = trainer.save_interval
         if stop or (interval and step % interval == 0) or step == trainer.max_steps:
@@ -308,3 +418,15 @@ class _Loop:
         if stop:
             raise Preempted(step)
 
+    def _stop_non_finite(self, step: int) -> None:
+        first_step, first = self.streak[0]
+        checkpoints = complete_checkpoints(self.run.root)
+        last = (f"the newest checkpoint is {checkpoints[0][1]} (step {checkpoints[0][0]})"
+                if checkpoints else "no checkpoint was written")
+        raise NonFiniteTrainingError(
+            f"training stopped at step {step}: {len(self.streak)} steps in a row were skipped "
+            f"(trainer.max_skipped_steps={self.run.trainer.max_skipped_steps}) because their "
+            f"update was not finite; the first non-finite quantity was {first} at step "
+            f"{first_step}. Skipped steps leave the weights as the last finite update made "
+            f"them; {last}. Lower optim.lr (now {self.run.config.optim.lr:g}), raise "
+            f"optim.warmup_steps or check the data of these steps")

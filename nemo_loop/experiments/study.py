@@ -17,6 +17,8 @@ when an axis changes it). The output directory::
     seeds/<seed>[-<pretraining>]/  a compression-experiment root: pretrain/, data/, eval/,
                                    students/<cell>/ and eval/<cell>/ of every cell of the seed
     units/<unit>.json              each unit's state (done/failed), log path and results
+    locks/<unit>.lock              held by a running unit (nemo_loop.utils.run_lock)
+    .run.lock                      held by a running local runner
     logs/<unit>.log                each unit's output (local executor; Slurm: logs/slurm/)
     results.jsonl, results.csv, summary.json, report.md, *.png  (experiments/study_report.py)
 

@@ -2,13 +2,19 @@
 
 Both launch the same command per unit, ``recipes/study.py unit <study dir> ...``, in its own
 process tree (a crash or an OOM kill fails that unit only), and both skip units that are done,
-so a killed study continues where it stopped and a rerun retries what failed.
+so a killed study continues where it stopped and a rerun retries what failed. A unit holds the
+lock ``locks/<unit>.lock`` while it runs (:mod:`nemo_loop.utils.run_lock`), so a second copy
+of it — a rerun beside a unit that is still running — refuses at once, naming the first.
 
 * ``local``: ``executor.parallel_units`` units at a time (the cores split between them), the
   shared units first and then the cells in order, each cell once its seed's shared unit is done;
   output to ``logs/<unit>.log``; ``executor.nproc_per_node`` > 1 launches each unit with
   torchrun. A cell whose shared unit failed is recorded as failed without running. Then the
-  report.
+  report. The runner owns its units: it holds the study's lock (one runner per study
+  directory), each unit runs in a session of its own, SIGTERM and SIGINT to the runner are
+  forwarded to every running unit's process group (no new unit starts; the runner exits once
+  they have), and the kernel kills the units when the runner dies, even by SIGKILL
+  (:mod:`nemo_loop.utils.processes`; torchrun's workers arrange the same with torchrun).
 * ``slurm``: one job array for the pending shared units, one job array with a task per pending
   cell (``--dependency=afterok`` on the first; if a shared task fails, the cells are cancelled
   and reported missing), and a report job after both (``afterany``). The batch scripts source
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +35,8 @@ from pathlib import Path
 
 from nemo_loop.experiments.study import Study, Unit
 from nemo_loop.experiments.study_units import FAILED, is_done, read_unit, record_failure
+from nemo_loop.utils.processes import LAUNCHER_PID_ENV, launch_command
+from nemo_loop.utils.run_lock import LOCK_FILE, hold_lock
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "recipes/study.py"
@@ -39,14 +48,80 @@ def unit_command(study: Study, unit: Unit, log: Path) -> list[str]:
     command = [RECIPE, "unit", str(study.root), unit.name, "--log", str(log)]
     processes = study.config.executor.nproc_per_node
     if processes > 1:
+        # "--": torchrun's parser would take the unit's --log for an abbreviation of its own
+        # --log-dir/--logs-specs and refuse it as ambiguous
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={processes}", *command]
+                f"--nproc-per-node={processes}", "--", *command]
     return [sys.executable, *command]
 
 
 def run_local(study: Study) -> dict[str, str]:
     """Every unit that is not done, ``executor.parallel_units`` at a time (shared units first:
-    they unlock their seed's cells); returns unit → state."""
+    they unlock their seed's cells); returns unit → state. A SIGTERM or SIGINT stops it: the
+    signal goes on to the running units, and once they have exited the runner does too
+    (SystemExit 128 + the signal)."""
+    hold_lock(study.root / LOCK_FILE, f"study directory {study.root}")
+    with _UnitProcesses() as processes:
+        states = _run_units(study, processes)
+    if processes.signal is not None:
+        name = signal.Signals(processes.signal).name
+        print(f"[study {study.config.name}] stopped by {name}: rerun the same command to "
+              f"continue (finished units are skipped, interrupted runs resume from their "
+              f"checkpoints)", flush=True)
+        raise SystemExit(128 + processes.signal)
+    return states
+
+
+class _UnitProcesses:
+    """The running units: each leads a process group of its own (its session); SIGTERM and
+    SIGINT to the runner are forwarded to every group, and on the way out any unit still
+    running is killed."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.processes: list[subprocess.Popen] = []
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _UnitProcesses:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._forward)
+        return self
+
+    def _forward(self, signum, frame) -> None:
+        self.signal = signum
+        os.write(2, f"[study] got {signal.Signals(signum).name}: passed on to the running "
+                    f"units; no new unit starts\n".encode())
+        for process in self.processes:
+            self._signal_group(process, signum)
+
+    @staticmethod
+    def _signal_group(process: subprocess.Popen, signum: int) -> None:
+        if process.returncode is None:  # not reaped yet (no waitpid here: signal handler)
+            try:
+                os.killpg(process.pid, signum)
+            except ProcessLookupError:  # the whole group has exited
+                pass
+
+    def start(self, command: list[str], **options) -> subprocess.Popen:
+        # the unit dies with this runner (and its torchrun workers with it: recipes/study.py
+        # unit calls die_with_launcher)
+        environment = {**options.pop("env", os.environ), LAUNCHER_PID_ENV: str(os.getpid())}
+        process = subprocess.Popen(launch_command(command), env=environment,
+                                   start_new_session=True, **options)
+        self.processes = [p for p in self.processes if p.poll() is None] + [process]
+        return process
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        for process in self.processes:
+            self._signal_group(process, signal.SIGKILL)
+            process.wait()
+
+
+def _run_units(study: Study, processes: _UnitProcesses) -> dict[str, str]:
     units = study.units()
     states: dict[str, str] = {}
     pending = []
@@ -59,7 +134,7 @@ def run_local(study: Study) -> dict[str, str]:
     pending.sort(key=lambda item: item[1].kind != "shared")  # stable: otherwise in order
     workers = study.config.executor.parallel_units
     running: dict[str, tuple[subprocess.Popen, float, str]] = {}
-    while pending or running:
+    while (pending and processes.signal is None) or running:
         finished = [name for name, (process, _, _) in running.items()
                     if process.poll() is not None]
         for name in finished:
@@ -69,7 +144,7 @@ def run_local(study: Study) -> dict[str, str]:
             units = _follow_the_gate(study, units, pending, states, running)
         for item in list(pending):
             index, unit = item
-            if len(running) >= workers:
+            if len(running) >= workers or processes.signal is not None:
                 break
             waiting = _shared_state(study, unit, states)
             if waiting == "running":
@@ -84,10 +159,13 @@ def run_local(study: Study) -> dict[str, str]:
                 states[unit.name] = FAILED
                 print(f"{prefix}: not run, shared unit {shared.name} failed", flush=True)
                 continue
-            running[unit.name] = (_start(study, unit, prefix, workers), time.perf_counter(),
-                                  prefix)
+            running[unit.name] = (_start(study, unit, prefix, workers, processes),
+                                  time.perf_counter(), prefix)
         time.sleep(0.2 if running else 0)
-    return {unit.name: states[unit.name] for unit in units if unit.name in states}
+    # a seed the pretraining gate replaced: its cells are neither run nor reported
+    current = {unit.name for unit in study.units()}
+    return {unit.name: states.get(unit.name, "not run") for unit in units
+            if unit.name in states or unit.name in current}
 
 
 def _follow_the_gate(study: Study, units: list[Unit], pending: list, states: dict,
@@ -126,7 +204,8 @@ def _shared_state(study: Study, unit: Unit, states: dict[str, str]) -> str | Non
     return FAILED if shared.name in states else "running"
 
 
-def _start(study: Study, unit: Unit, prefix: str, workers: int) -> subprocess.Popen:
+def _start(study: Study, unit: Unit, prefix: str, workers: int,
+           processes: _UnitProcesses) -> subprocess.Popen:
     log = study.root / "logs" / f"{unit.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"{prefix}: running, log {log}", flush=True)
@@ -135,8 +214,8 @@ def _start(study: Study, unit: Unit, prefix: str, workers: int) -> subprocess.Po
         # Units side by side share the cores; oversubscribed threads only slow them down.
         environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     with log.open("a") as output:
-        return subprocess.Popen(unit_command(study, unit, log), cwd=REPO, stdout=output,
-                                stderr=subprocess.STDOUT, env=environment)
+        return processes.start(unit_command(study, unit, log), cwd=REPO, stdout=output,
+                               stderr=subprocess.STDOUT, env=environment)
 
 
 def _finish(study: Study, unit: Unit, returncode: int, started: float, prefix: str) -> str:

@@ -30,9 +30,12 @@ from nemo_loop.experiments.compression import (
 )
 from nemo_loop.experiments.exit_results import exit_curve
 from nemo_loop.experiments.study import Study, StudyError, Unit, read_unit
+from nemo_loop.utils.collective import run_collectively
 from nemo_loop.utils.flops import LoopShape, generation_flops
+from nemo_loop.utils.run_lock import hold_lock
 
 UNITS_DIR = "units"
+LOCKS_DIR = "locks"  # apart from units/, whose every file is a unit record
 DONE, FAILED = "done", "failed"
 # A cell of a seed the pre-registered pretraining gate turned down: not run (a spare seed
 # takes the seed's place).
@@ -41,6 +44,10 @@ EXCLUDED = "excluded"
 
 def unit_path(root: Path, name: str) -> Path:
     return Path(root) / UNITS_DIR / f"{name}.json"
+
+
+def unit_lock_path(root: Path, name: str) -> Path:
+    return Path(root) / LOCKS_DIR / f"{name}.lock"
 
 
 def is_done(root: Path, name: str) -> bool:
@@ -74,8 +81,14 @@ def record_failure(study: Study, unit: Unit, log: str | None, error: str) -> Non
 
 def run_unit(study: Study, unit: Unit, log: str | None = None) -> dict:
     """Run ``unit`` (collective when distributed); rank 0 records it. A failure is recorded
-    with its log path and re-raised; a preemption (SystemExit 85) is not a failure."""
+    with its log path and re-raised; a preemption (SystemExit 85) is not a failure. First,
+    rank 0 takes the unit's lock for the rest of the process: a second copy of a unit that
+    is still running refuses (on every rank) naming it, and records nothing."""
     rank = torch.distributed.get_rank()
+    lock = unit_lock_path(study.root, unit.name)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    run_collectively(lambda: hold_lock(lock, f"unit {unit.name} of study {study.root}"),
+                     str, StudyError, rank_zero_only=True)
     started = time.perf_counter()
     try:
         if unit.kind == "shared":
@@ -181,7 +194,7 @@ def run_flops(output_dir: Path, max_steps: int) -> float | None:
     if not path.is_file():
         return None
     logged = [record["flops"] for record in map(json.loads, path.read_text().splitlines())
-              if "flops" in record]
+              if record.get("flops") is not None]  # null: not finite (utils/logging.py)
     return sum(logged) / len(logged) * max_steps if logged else None
 
 

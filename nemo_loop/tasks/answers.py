@@ -25,6 +25,9 @@ _ANSWER_MARKER = re.compile(r"\banswer\b\**\s*(?:is\b|would\s+be\b|=|:)[\s*:]*",
 _MATH_DELIMITERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 _LATEX_COMMAND = re.compile(r"\\(?:text|mathrm|textbf|mbox)\{[^{}]*\}|\\[A-Za-z]+")
 _WORD = re.compile(r"[A-Za-z]{2,}")
+# Sentence punctuation after a plain answer; a "!" right after a digit or a closing bracket is
+# a factorial ("26!", "(n+1)!"), not an exclamation.
+_TRAILING_PUNCTUATION = re.compile(r"(?:[.,;:]|(?<![\d)}\]])!)+$")
 _MATH_WORDS = frozenset({"pi", "sin", "cos", "tan", "cot", "log", "ln", "exp", "sqrt", "inf"})
 
 
@@ -92,7 +95,7 @@ def _strip_math(content: str) -> str:
 
 
 def _plain_answer(plain: str) -> str | None:
-    answer = plain.strip().strip("*").strip().rstrip(".,;:!").strip()
+    answer = _TRAILING_PUNCTUATION.sub("", plain.strip().strip("*").strip()).strip()
     if not answer or answer.count("{") != answer.count("}"):  # empty, or cut off mid-expression
         return None
     words = set(_WORD.findall(_LATEX_COMMAND.sub(" ", answer))) - _MATH_WORDS

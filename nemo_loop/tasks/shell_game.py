@@ -59,6 +59,12 @@ _HASH_BUCKETS = 10
 _SPLIT_SHARE = {"train": 0.7, "validation": 0.1, "test": 0.2}
 # Held-out short games are ranked among all games of their length: enumerable lengths only.
 MAX_RANKED_GAMES = 1 << 20
+# Up to this many full-length games the splits are counted exactly (well under a second);
+# above it, by their expected share, and a request may take at most half of that.
+_ENUMERATION_LIMIT = 100_000
+_ESTIMATE_MARGIN = 0.5
+# Rejection sampling gives up after this many draws per game it expects to need.
+_DRAWS_PER_GAME = 1000
 
 
 @dataclass
@@ -134,9 +140,13 @@ def split_of(problem: Problem, config: ShellGameConfig) -> str:
         if length not in config.heldout_swaps:
             return "train"
         return _ranked_splits(config.num_cups, length).get(problem.text, "train")
+    return _hashed_split(problem.text)
+
+
+def _hashed_split(text: str) -> str:
     # A cryptographic hash: CRC32 is linear, and its buckets correlated with the start cup and
     # the answer (test answers were skewed towards cup 0).
-    digest = hashlib.blake2b(problem.text.encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     bucket = int.from_bytes(digest, "little") % _HASH_BUCKETS
     return "test" if bucket < 2 else "validation" if bucket == 2 else "train"
 
@@ -226,7 +236,8 @@ def draw(config: ShellGameConfig, split: str, generator: torch.Generator,
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if split != "train":
         num_swaps = config.num_swaps
-    while True:
+    attempts = _DRAWS_PER_GAME * _HASH_BUCKETS
+    for _ in range(attempts):
         length = num_swaps or config.min_swaps + int(torch.randint(
             config.num_swaps - config.min_swaps + 1, (1,), generator=generator))
         start = int(torch.randint(config.num_cups, (1,), generator=generator))
@@ -234,6 +245,10 @@ def draw(config: ShellGameConfig, split: str, generator: torch.Generator,
         problem = render(config, start, swaps)
         if split_of(problem, config) == split:
             return problem
+    size, exact = split_size(config, split)
+    raise RuntimeError(f"no {split} game in {attempts} draws: with num_cups={config.num_cups} "
+                       f"and num_swaps={config.num_swaps} the {split} split holds "
+                       f"{'' if exact else 'about '}{size} of {num_games(config)} games")
 
 
 def num_games(config: ShellGameConfig) -> int:
@@ -241,13 +256,39 @@ def num_games(config: ShellGameConfig) -> int:
     return config.num_cups * len(config.swaps()) ** config.num_swaps
 
 
+def split_size(config: ShellGameConfig, split: str) -> tuple[int, bool]:
+    """How many distinct full-length games ``split`` holds, and whether that is exact (small
+    game spaces are enumerated) or the split's expected share of all games."""
+    if num_games(config) <= _ENUMERATION_LIMIT:
+        return _counted_splits(config.num_cups, config.num_swaps)[split], True
+    return int(_SPLIT_SHARE[split] * num_games(config)), False
+
+
+@functools.lru_cache(maxsize=16)
+def _counted_splits(num_cups: int, num_swaps: int) -> dict[str, int]:
+    """Every full-length game's split (they depend on the game's text only)."""
+    config = ShellGameConfig(num_cups=num_cups, num_swaps=num_swaps)
+    names = [f"{i}-{j}" for i, j in config.swaps()]
+    counts = dict.fromkeys(SPLITS, 0)
+    for start in range(num_cups):
+        for swaps in itertools.product(names, repeat=num_swaps):
+            counts[_hashed_split(f"{BALL} {start} {SEPARATOR} {' '.join(swaps)} {QUESTION}")] += 1
+    return counts
+
+
 def check_count(config: ShellGameConfig, split: str, count: int) -> None:
-    """Refuse to ask for (nearly) all of a split's games: rejection sampling would crawl."""
-    available = int(_SPLIT_SHARE[split] * num_games(config))
-    if count > 0.9 * available:
+    """Refuse a request for more distinct games than ``split`` holds (counted exactly where
+    the game space is small; above that, more than half its expected size: rejection sampling
+    would crawl towards the last ones)."""
+    size, exact = split_size(config, split)
+    limit = size if exact else int(_ESTIMATE_MARGIN * size)
+    if count > limit:
+        held = (f"holds {size} of its {num_games(config)} games" if exact else
+                f"holds about {size} (its share of {num_games(config)} games, too many to "
+                f"count), of which at most {limit} may be asked for")
         raise ValueError(f"{count} distinct {split} games requested, but with num_cups="
                          f"{config.num_cups} and num_swaps={config.num_swaps} the {split} split "
-                         f"holds only about {available}; ask for fewer or use longer games")
+                         f"{held}; ask for at most {limit} or use longer games")
 
 
 def problems(config: ShellGameConfig, split: str, count: int) -> list[Problem]:
@@ -256,10 +297,19 @@ def problems(config: ShellGameConfig, split: str, count: int) -> list[Problem]:
     Distinct, so that an evaluation set's size is its number of independent games."""
     check_count(config, split, count)
     generator = torch.Generator().manual_seed(config.seed * len(SPLITS) + SPLITS.index(split))
+    size, _ = split_size(config, split)
+    # _DRAWS_PER_GAME × the split draws one game of the split takes on average
+    attempts = _DRAWS_PER_GAME * count * max(1, round(num_games(config) / max(size, 1)))
     chosen: dict[str, Problem] = {}
-    while len(chosen) < count:
+    for _ in range(attempts):
+        if len(chosen) == count:
+            break
         problem = draw(config, split, generator, config.num_swaps)
         chosen.setdefault(problem.text, problem)
+    if len(chosen) < count:
+        raise RuntimeError(f"found {len(chosen)} of {count} distinct {split} games in "
+                           f"{attempts} draws (num_cups={config.num_cups}, num_swaps="
+                           f"{config.num_swaps}); ask for fewer or use longer games")
     return list(chosen.values())
 
 

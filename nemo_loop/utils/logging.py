@@ -1,8 +1,14 @@
-"""Metrics to stdout, a JSONL file and (optionally) Weights & Biases, from one rank."""
+"""Metrics to stdout, a JSONL file and (optionally) Weights & Biases, from one rank.
+
+``metrics.jsonl`` is strict JSON, one record per line: a NaN or infinite value is written as
+``null`` and its key listed in the record's ``nonfinite`` field (Python's ``json`` would write
+bare ``NaN``/``Infinity`` tokens that other JSON readers reject).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +57,38 @@ def _records(output_dir: Path) -> list[tuple[str, int | None]]:
         except (ValueError, KeyError, TypeError):
             records.append((line, None))
     return records
+
+
+def strict_json_record(step: int, metrics: dict) -> dict:
+    """``{"step": step, **metrics}`` with every value JSON can hold (tensors and numpy scalars
+    as floats or lists), NaN and infinities as None, and the keys that held one listed under
+    ``nonfinite``."""
+    nonfinite = []
+    record = {"step": step}
+    for key, value in metrics.items():
+        record[key], finite = _strict_value(value)
+        if not finite:
+            nonfinite.append(key)
+    if nonfinite:
+        record["nonfinite"] = nonfinite
+    return record
+
+
+def _strict_value(value) -> tuple[object, bool]:
+    """(value for strict JSON, whether every number in it was finite)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value, True
+    if isinstance(value, dict):
+        pairs = {key: _strict_value(item) for key, item in value.items()}
+        return ({key: item for key, (item, _) in pairs.items()},
+                all(finite for _, finite in pairs.values()))
+    if hasattr(value, "tolist") and not isinstance(value, float):  # tensors, numpy values
+        return _strict_value(value.tolist())
+    if isinstance(value, (list, tuple)):
+        items = [_strict_value(item) for item in value]
+        return [item for item, _ in items], all(finite for _, finite in items)
+    number = float(value)
+    return (number, True) if math.isfinite(number) else (None, False)
 
 
 def metrics_steps(output_dir: Path) -> list[int]:
@@ -108,7 +146,7 @@ class MetricsLogger:
         if not self.active:
             return
         print(self.formatter(step, metrics), flush=True)
-        self.file.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+        self.file.write(json.dumps(strict_json_record(step, metrics), allow_nan=False) + "\n")
         self.file.flush()
         if self.run is not None:
             flat = {}

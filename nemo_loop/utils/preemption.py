@@ -12,7 +12,11 @@ ends the running job at once, so it must come after every rank has finished writ
 
 SIGUSR1 only sets the flag, however often it arrives. SIGTERM sets it once and restores the
 previous SIGTERM handler, so a second SIGTERM terminates the process as before. :meth:`close`
-restores all previous handlers.
+restores all previous handlers. A training run installs its handler before its setup (storage
+checks, model, resume), so a signal that arrives then is not fatal either (SIGUSR1's default
+action would end the process with -10, which the batch script does not requeue); one handler
+is active per process: installing a new one closes the previous one (say, of a run whose
+setup failed in the same process) first.
 """
 
 from __future__ import annotations
@@ -36,13 +40,18 @@ class Preempted(SystemExit):
 
 
 class PreemptionHandler:
+    _active: PreemptionHandler | None = None
+
     def __init__(self, signals: tuple = (signal.SIGUSR1, signal.SIGTERM)):
         self.received: int | None = None
         self._previous: dict = {}
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
+        if PreemptionHandler._active is not None:
+            PreemptionHandler._active.close()
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
+        PreemptionHandler._active = self
 
     def _handle(self, signum, frame) -> None:
         first = self.received is None
@@ -66,3 +75,5 @@ class PreemptionHandler:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+        if PreemptionHandler._active is self:
+            PreemptionHandler._active = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -32,8 +33,37 @@ def existing_ancestor(path: str | os.PathLike) -> Path:
     return path
 
 
-def mount_point(path: str | os.PathLike) -> Path:
-    path = existing_ancestor(path).resolve()
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def mount_points(mountinfo: str) -> list[Path]:
+    """The mount points listed in a ``/proc/<pid>/mountinfo`` text (field 5; octal escapes such
+    as ``\\040`` for a space decoded)."""
+    points = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            points.append(Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                                      fields[4])))
+    return points
+
+
+def mount_point(path: str | os.PathLike, mountinfo: str | None = None) -> Path:
+    """The mount point holding ``path``: the longest mount point of ``/proc/self/mountinfo``
+    above it. A bind mount of a directory of the same file system is its own mount point
+    there, while ``os.path.ismount`` (a device-number comparison) misses it; without
+    ``/proc`` (not Linux) that comparison is the fallback."""
+    path = Path(path).absolute()
+    existing = existing_ancestor(path)
+    path = existing.resolve() / path.relative_to(existing)  # symlinks resolved where they exist
+    if mountinfo is None and MOUNTINFO.is_file():
+        mountinfo = MOUNTINFO.read_text()
+    if mountinfo is not None:
+        above = [point for point in mount_points(mountinfo)
+                 if point == path or point in path.parents]
+        if above:
+            return max(above, key=lambda point: len(point.parts))
+    path = existing.resolve()
     while not os.path.ismount(path) and path != path.parent:
         path = path.parent
     return path
@@ -52,7 +82,7 @@ def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> 
     if error.errno == errno.EDQUOT:
         return f"disk quota exceeded on {mount_point(where)}"
     if error.errno == errno.EROFS:
-        return f"{mount_point(where)} is a read-only file system"
+        return f"{mount_point(where)} is a read-only file system (holding {where})"
     reason = os.strerror(error.errno) if error.errno else str(error)
     return f"{reason.lower()} ({error.filename or where})"
 
@@ -79,7 +109,7 @@ def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
     if free < needed:
         raise StorageError(errno.ENOSPC, f"{mount_point(path)} (holding {path}) has "
                                          f"{human_bytes(free)} free ({free} bytes), but {what} "
-                                         f"needs about {human_bytes(needed)} ({needed} bytes)")
+                                         f"take about {human_bytes(needed)} ({needed} bytes)")
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -62,11 +62,49 @@ def test_preempted_pretraining_saves_exits_85_and_resumes_exactly(megatron_singl
 
     resumed = pretrain.pretrain(config(tmp_path / "resumed"))
     assert [m["step"] for m in resumed if "loss" in m] == [3, 4]
+    logged = [json.loads(line)["step"] for line in
+              (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # every step once, the last one too (held-out scores in it)
     expected = [m["loss"] for m in straight if "loss" in m]
     assert [m["loss"] for m in steps + resumed if "loss" in m] == expected
     assert len(set(expected)) == 4  # the steps really differ
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
     assert (tmp_path / "resumed" / "model" / "checkpoint.json").is_file()
+
+
+def test_a_pre_timeout_signal_during_setup_requeues_before_the_first_step(
+        megatron_single_process, tmp_path, monkeypatch):
+    """SIGUSR1 while the model is being built used to end the process with -10 (its default
+    action), which the batch script does not requeue. Now the handler is installed before the
+    setup, and the loop exits for a requeue (85) before step 1: nothing new to save."""
+    received = []
+
+    def stand_in(signum, frame):
+        """For SIGUSR1's default action, which would end pytest: without the fix the signal
+        lands here and training simply runs on."""
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, stand_in)
+    real_build = pretrain.build_trainable_model
+
+    def build_after_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)  # slurm's pre-timeout signal, during setup
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "build_trainable_model", build_after_a_signal)
+    run = tmp_path / "run"
+    config = load_config(pretrain.PretrainConfig, CONF_DIR / "pretrain.yaml", [
+        f"output_dir={run}", "trainer.max_steps=2", *TINY_RUN])
+    try:
+        with pytest.raises(Preempted) as raised:
+            pretrain.pretrain(config)
+        assert raised.value.code == 85 and raised.value.step == 0
+        assert received == []  # the run's handler took it, and restored this one after
+        assert signal.getsignal(signal.SIGUSR1) is stand_in
+        assert not (run / "metrics.jsonl").exists()
+        assert not any((run / "checkpoints").glob("step_*"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 # Runs the recipe, but SIGKILLs itself in the middle of its second save (shards written, not yet

@@ -101,3 +101,70 @@ def test_miniature_study_runs_resumes_and_refuses_another_study(tmp_path):
     refused = _study(f"output_dir={tmp_path}", "settings.compression.llopsd.optim.lr=0.1")
     assert refused.returncode != 0 and "holds a different study" in refused.stderr
     assert "optim.lr" in refused.stderr
+
+
+def _alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.slow
+def test_units_die_with_a_sigkilled_runner_and_a_second_copy_is_refused(tmp_path):
+    """Issue 23: the runner's unit (torchrun and its two workers, the hardest case: torchrun
+    puts its workers in sessions of their own) dies with the runner even when the runner is
+    SIGKILLed; while it runs, a second copy of the unit refuses naming it."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from nemo_loop.utils.run_lock import holder_pid
+
+    runner = subprocess.Popen(
+        [sys.executable, "recipes/study.py", "--config", "conf/studies/miniature.yaml",
+         f"output_dir={tmp_path}", "seeds=[1]", "executor.nproc_per_node=2",
+         "settings.pretrain.trainer.max_steps=100000",
+         "settings.pretrain.trainer.micro_batch_size=16"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "locks" / "shared-seed1.lock"
+    descendants: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while holder_pid(lock) is None or not (tmp_path / "seeds" / "1" / "pretrain" /
+                                               "metrics.jsonl").is_file():
+            assert runner.poll() is None, runner.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the unit did not start training"
+            time.sleep(0.5)
+        descendants = [p.pid for p in psutil.Process(runner.pid).children(recursive=True)]
+        unit = holder_pid(lock)
+        assert unit in descendants and len(descendants) >= 3  # torchrun + 2 workers
+
+        second = subprocess.run([sys.executable, "recipes/study.py", "unit", str(tmp_path),
+                                 "shared-seed1"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode != 0
+        assert f"unit shared-seed1 of study {tmp_path} is in use by another run: PID {unit}" \
+            in second.stderr, second.stderr[-3000:]
+        assert not (tmp_path / "units" / "shared-seed1.json").exists()  # recorded nothing
+
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 5
+        while _alive(descendants) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        survivors = _alive(descendants)
+        assert survivors == [], f"units outlived the SIGKILLed runner: {survivors}"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        for pid in _alive(descendants):  # clean up by PID before failing
+            psutil.Process(pid).kill()

@@ -64,6 +64,13 @@ def test_unboxed_final_answer_statements():
     assert extract_answer("The answer is 18 eggs, which is more than 7.") == "18"
     assert extract_answer(r"The answer is \$1,080.") == "1080"
     assert extract_answer("the answer is Evelyn.") == "Evelyn"
+    # A "!" after a digit or bracket is a factorial, not the end of the sentence (issue 23).
+    assert extract_answer(r"The final answer is 2^{25} \cdot 26!.") == r"2^{25} \cdot 26!"
+    assert extract_answer("The answer is (n+1)!.") == "(n+1)!"
+    assert extract_answer("the answer is Evelyn!") == "Evelyn"
+    verdict = check_response(r"The final answer is 2^{25} \cdot 26!.", r"2^{25} \cdot 26!")
+    assert verdict.correct and verdict.error is None
+    assert not check_response(r"The final answer is 2^{25} \cdot 26.", r"2^{25} \cdot 26!").correct
     # \boxed and GSM8K's #### still come first.
     assert extract_answer(r"The answer is $3$. Correction: $\boxed{4}$") == "4"
     assert extract_answer("The answer is $3$.\n#### 4") == "4"

@@ -11,7 +11,7 @@ LAYERS = {
     "config": 0, "utils": 0,
     "data": 1,
     "models": 2,
-    "losses": 3, "generation": 3, "checkpointing": 3, "tasks": 3,
+    "losses": 3, "generation": 3, "checkpointing": 3, "checkpoint_manifest": 3, "tasks": 3,
     "algorithms": 4, "conversion": 4,
     "evaluation": 5,
     "experiments": 6,

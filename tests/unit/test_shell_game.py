@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -55,11 +56,58 @@ def test_splits_are_disjoint_distinct_and_reproducible():
     assert counts.min() > 300 / config.num_cups * 0.7
 
 
-def test_too_many_distinct_games_is_an_error():
-    config = sg.ShellGameConfig(num_swaps=4)  # 3 · 3⁴ = 243 games, ~48 in the test split
-    assert sg.num_games(config) == 243
-    with pytest.raises(ValueError, match="holds only about 48"):
-        sg.problems(config, "test", 100)
+def _split_by_brute_force(config, split: str) -> set[str]:
+    """Every full-length game of ``split``, rendered and hashed one by one."""
+    games = {sg.render(config, start, list(swaps))
+             for start in range(config.num_cups)
+             for swaps in itertools.product(range(len(config.swaps())), repeat=config.num_swaps)}
+    return {game.text for game in games if sg.split_of(game, config) == split}
+
+
+def test_small_splits_are_counted_exactly_and_may_be_used_up():
+    """Issue 23: 3 cups × 3 swaps = 81 games, 3 of them validation games; asking for 4 used
+    to pass an estimate (~8) and then sample forever."""
+    config = sg.ShellGameConfig(num_swaps=3)
+    validation = _split_by_brute_force(config, "validation")
+    assert sg.num_games(config) == 81 and sg.split_size(config, "validation") == (3, True)
+    assert len(validation) == 3
+    with pytest.raises(ValueError, match="4 distinct validation games requested, but with "
+                       "num_cups=3 and num_swaps=3 the validation split holds 3 of its 81 "
+                       "games; ask for at most 3"):
+        sg.problems(config, "validation", 4)
+    # Exactly all of them is fine (and finishes: the sampling is bounded either way).
+    assert {p.text for p in sg.problems(config, "validation", 3)} == validation
+    four = sg.ShellGameConfig(num_swaps=4)  # 243 games
+    assert sg.split_size(four, "test") == (len(_split_by_brute_force(four, "test")), True)
+    with pytest.raises(ValueError, match="test split holds 36 of its 243 games"):
+        sg.problems(four, "test", 100)
+    # Too many games to count: the expected share, and at most half of it may be asked for.
+    big = sg.ShellGameConfig(num_cups=4, num_swaps=8)
+    assert sg.split_size(big, "validation") == (int(0.1 * 4 * 6 ** 8), False)
+    with pytest.raises(ValueError, match="holds about 671846 .* at most 335923"):
+        sg.check_count(big, "validation", 400_000)
+
+
+def test_sampling_gives_up_with_an_error_instead_of_looping(monkeypatch):
+    config = sg.ShellGameConfig(num_swaps=3)
+    monkeypatch.setattr(sg, "_hashed_split", lambda text: "train")  # no held-out game at all
+    monkeypatch.setattr(sg, "split_size", lambda config, split: (5, True))
+    with pytest.raises(RuntimeError, match=r"no validation game in 10000 draws"):
+        sg.problems(config, "validation", 2)
+
+
+def test_the_issues_command_fails_at_load_time(tmp_path):
+    """recipes/pretrain_looplm.py task.shell_game.num_swaps=3 validation_problems=4 ... hung
+    after its last step; now the config is refused before anything runs."""
+    from nemo_loop.algorithms.pretrain import PretrainConfig
+    from nemo_loop.config import CONF_DIR, load_config
+
+    with pytest.raises(ValueError, match="4 distinct validation games requested.*holds 3 of "
+                                         "its 81"):
+        load_config(PretrainConfig, CONF_DIR / "pretrain.yaml", [
+            "task.shell_game.num_swaps=3", "validation_problems=4", "test_problems=4",
+            "trainer.max_steps=2", "trainer.eval_interval=0", f"output_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_tokenizer_round_trip_and_unknown_words(tmp_path):

@@ -4,6 +4,7 @@ unit records (missing seeds are named, not averaged over), and failure recording
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -333,3 +334,94 @@ def test_the_committed_studies_load(name, tmp_path):
     else:
         assert study.baselines["looprpt+student_loops=2"] == "terminal_only+student_loops=2"
         assert study.algorithm_of("looprpt+student_loops=2") == "looprpt"
+
+
+def test_the_runner_forwards_sigterm_to_its_units_and_stops(tmp_path, monkeypatch):
+    """SIGTERM to the runner reaches the running unit's process group (the unit runs in a
+    session of its own, out of reach of a signal to the runner's group); no other unit
+    starts, and the runner exits with 128 + SIGTERM once the unit has."""
+    import signal
+    import threading
+
+    from nemo_loop.experiments import study_executors
+
+    study = _study(tmp_path, "seeds=[1]")
+    study.claim_directory()
+    script = ("import os, signal, sys, time; from pathlib import Path\n"
+              "out = Path(sys.argv[1]) / (sys.argv[2] + '.got')\n"
+              "def stop(signum, frame):\n"
+              "    name = signal.Signals(signum).name\n"
+              "    out.write_text(f'{name} {os.getpgid(0)} {os.getsid(0)}')\n"
+              "    sys.exit(85)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "(Path(sys.argv[1]) / (sys.argv[2] + '.started')).write_text(str(os.getpid()))\n"
+              "time.sleep(60)\n")
+    monkeypatch.setattr(study_executors, "unit_command", lambda study, unit, log: [
+        sys.executable, "-c", script, str(tmp_path), unit.name])
+    got_here = []
+    previous = signal.signal(signal.SIGTERM, lambda *args: got_here.append(args))
+
+    def terminate_once_started():
+        started = tmp_path / "shared-seed1.started"
+        for _ in range(300):
+            if started.exists():
+                break
+            threading.Event().wait(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_started)
+    killer.start()
+    try:
+        with pytest.raises(SystemExit) as raised:
+            study_executors.run_local(study)
+    finally:
+        killer.join()
+        restored = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+    assert raised.value.code == 128 + signal.SIGTERM and got_here == []
+    unit_pid = int((tmp_path / "shared-seed1.started").read_text())
+    name, group, session = (tmp_path / "shared-seed1.got").read_text().split()
+    assert name == "SIGTERM" and int(group) == int(session) == unit_pid  # its own session
+    assert not list(tmp_path.glob("*-seed1.started"))[1:]  # no cell started
+    assert restored is not None and restored != signal.SIG_DFL
+
+
+def test_a_second_copy_of_a_running_unit_refuses_and_records_nothing(
+        megatron_single_process, tmp_path):
+    from nemo_loop.experiments.study import StudyError
+    from nemo_loop.experiments.study_units import run_unit, unit_lock_path, unit_path
+    from nemo_loop.utils.run_lock import hold_lock
+
+    study = _study(tmp_path, "seeds=[1]")
+    study.claim_directory()
+    lock = unit_lock_path(tmp_path, "shared-seed1")
+    lock.parent.mkdir(parents=True)
+    holder = _process_holding(lock)
+    try:
+        with pytest.raises(StudyError, match=rf"unit shared-seed1 of study {tmp_path} is in use "
+                                             rf"by another run: PID {holder.pid}"):
+            run_unit(study, study.unit("shared-seed1"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not unit_path(tmp_path, "shared-seed1").exists()
+    hold_lock(lock, "unit")  # released by the kernel when its holder died
+
+
+def _process_holding(lock):
+    """A process that holds ``lock`` (nemo_loop.utils.run_lock) until it is killed."""
+    import subprocess
+    import time
+
+    from nemo_loop.utils.run_lock import holder_pid
+
+    process = subprocess.Popen([sys.executable, "-c",
+                                "import sys, time; from nemo_loop.utils.run_lock import "
+                                "hold_lock; hold_lock(sys.argv[1], 'x'); time.sleep(120)",
+                                str(lock)])
+    for _ in range(200):
+        if holder_pid(lock) == process.pid:
+            return process
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("the lock holder did not start")

@@ -137,7 +137,8 @@ def test_the_local_executor_follows_the_gate(tmp_path, monkeypatch):
     assert "Seeds in effect: [1, 3]; replaced: [2]." in lines
 
 
-def test_a_cell_of_a_gated_seed_is_excluded_not_run(tmp_path, monkeypatch):
+def test_a_cell_of_a_gated_seed_is_excluded_not_run(tmp_path, monkeypatch,
+                                                    megatron_single_process):
     """The Slurm path: a cell task of a seed the gate turned down records itself as excluded."""
     from nemo_loop.experiments import study_units
     from nemo_loop.experiments.study import Unit
@@ -146,7 +147,6 @@ def test_a_cell_of_a_gated_seed_is_excluded_not_run(tmp_path, monkeypatch):
     study.claim_directory()
     _shared_record(study, 2, 0.1)
     monkeypatch.setattr(study_units, "_cell", lambda *args: pytest.fail("a gated cell ran"))
-    monkeypatch.setattr(study_units.torch.distributed, "get_rank", lambda: 0)
     record = study_units.run_unit(study, Unit("cell", 2, "", "llopsd"))
     assert record["state"] == study_units.EXCLUDED
     assert study_units.read_unit(study.root, "llopsd-seed2")["gate"]["accuracy"] == 0.1
