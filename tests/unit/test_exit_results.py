@@ -93,7 +93,8 @@ def test_the_primary_analysis_pairs_cells_with_their_baselines():
     reference = [_record([0.0, 0.25, 1.0], [0.0, 0.25, 1.0], s) for s in (1, 2, 3)]
     analysis = analyse(primary, {"llopsd": cell, "terminal_only": base, "broken": None},
                        {"pretrained": reference},
-                       {"llopsd": "terminal_only", "terminal_only": "terminal_only"})
+                       {"llopsd": "terminal_only", "terminal_only": "terminal_only"},
+                       {"llopsd": (3,), "terminal_only": (3,)})
     entry = analysis["cells"]["llopsd"]
     assert entry["accuracy"]["mean"] == pytest.approx(0.75)
     assert entry["versus"]["accuracy"]["difference"]["mean"] == pytest.approx(0.25)
@@ -105,7 +106,14 @@ def test_the_primary_analysis_pairs_cells_with_their_baselines():
     pretrained = analysis["references"]["pretrained"]["versus"]["terminal_only"]
     assert pretrained["accuracy"]["difference"]["mean"] == pytest.approx(-0.25)
     assert analysis["cells"]["llopsd"]["by_level"]["4"]["mean"] == pytest.approx(0.75)
+    assert entry["versus"]["by_level"]["4"]["difference"]["mean"] == pytest.approx(0.25)
+    # contrasts pair every two cells of a group, in both directions
+    assert analysis["contrasts"]["terminal_only"]["llopsd"]["difference"]["mean"] == \
+        pytest.approx(-0.25)
+    assert analysis["contrasts"]["llopsd"]["terminal_only"]["verdict"] == "wins"
     text = "\n".join(markdown(analysis, {"llopsd": 3, "terminal_only": 3}))
     assert "| llopsd | 3 | 0.750 ± 0.000 | 2.000 ± 0.000 | 0.250 ± 0.000 | wins |" in text
     assert "*pretrained* vs terminal_only" in text
-    assert analyse(PrimaryMetric(), {}, {}, {}) is None
+    assert "* llopsd − **terminal_only: 0.250 ± 0.000**" in text
+    assert "0.750 ± 0.000 (Δ 0.250 ± 0.000)" in text
+    assert analyse(PrimaryMetric(), {}, {}, {}, {}) is None
