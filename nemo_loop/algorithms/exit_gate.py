@@ -139,7 +139,7 @@ def train(config: ExitGateConfig) -> list[dict]:
             history.append(metrics)
             if step % config.trainer.log_interval == 0 or step in (1, max_steps):
                 loop.log(step, metrics)
-            loop.end_of_step(step, lambda: save(state, step), metrics.get("loss"))
+            loop.end_of_step(step, lambda: save(state, step), metrics)
     state.run.save_final_model(unwrap_model(state.ddp_model))
     return history
 
