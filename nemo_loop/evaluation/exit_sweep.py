@@ -2,7 +2,7 @@
 
 With ``generation.exit.policy`` adaptive, every benchmark is evaluated, after its static loop
 budgets, once per threshold of ``exit_thresholds`` (or at ``generation.exit.threshold``; the
-oracle has none) at R̃ = the largest budget. Per threshold:
+oracle has none) at R̃ = ``exit_loops`` (default: the largest budget). Per threshold:
 
 * ``avg@n``, ``pass@k``, ``accuracy_by_difficulty`` (as the static budgets);
 * ``mean_loops_per_token`` (Σ exit loops / Σ generated tokens), ``mean_loops_per_problem``
@@ -52,8 +52,8 @@ def evaluate_exit_curve(name: str, problems, prompts: list[list[int]], *, engine
                         prompter, config, static_runs: dict[int, GenerationRun]
                         ) -> tuple[dict, list[SampleRecord]]:
     """The adaptive policy of ``config.generation.exit`` at every threshold of the sweep, at
-    R̃ = the largest loop budget (whose static run ``static_runs[R̃]`` is the reference)."""
-    num_loops = max(config.budgets())
+    R̃ = ``config.exit_budget()`` (whose static run ``static_runs[R̃]`` is the reference)."""
+    num_loops = config.exit_budget()
     static = static_runs[num_loops]
     static_flops = generation_flops_per_problem(model.config, prompts, static, num_loops)
     curve, all_records = {}, []
