@@ -32,8 +32,8 @@ from nemo_loop.evaluation.harness import (
     generate_samples,
     generation_flops_per_problem,
     judge,
+    score_metrics,
 )
-from nemo_loop.evaluation.metrics import avg_at_n, mean_pass_at_k, usable_ks
 from nemo_loop.generation.exit import ExitConfig, work_per_token
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,7 @@ def threshold_metrics(config, exit_config: ExitConfig, num_loops: int, problems,
     return {
         "threshold": exit_config.threshold,
         "num_loops": num_loops,
-        "num_problems": len(correct_counts),
-        "n_samples": n,
-        "avg@n": avg_at_n(correct_counts, n),
-        "pass@k": {str(k): mean_pass_at_k(correct_counts, n, k)
-                   for k in usable_ks(config.pass_at_k, n)},
+        **score_metrics(config, correct_counts),
         "accuracy_by_difficulty": accuracy_by_difficulty(task, problems, correct_counts, n),
         "mean_loops_per_token": sum(loops) / max(1, len(loops)),
         "mean_loops_per_problem": sum(per_problem) / max(1, len(per_problem)),

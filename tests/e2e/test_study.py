@@ -103,19 +103,6 @@ def test_miniature_study_runs_resumes_and_refuses_another_study(tmp_path):
     assert "optim.lr" in refused.stderr
 
 
-def _alive(pids: list[int]) -> list[int]:
-    import psutil
-
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 @pytest.mark.slow
 def test_units_die_with_a_sigkilled_runner_and_a_second_copy_is_refused(tmp_path):
     """Issue 23: the runner's unit (torchrun and its two workers, the hardest case: torchrun
@@ -128,6 +115,7 @@ def test_units_die_with_a_sigkilled_runner_and_a_second_copy_is_refused(tmp_path
     import psutil
 
     from nemo_loop.utils.run_lock import holder_pid
+    from tests.processes import alive, survivors
 
     runner = subprocess.Popen(
         [sys.executable, "recipes/study.py", "--config", "conf/studies/miniature.yaml",
@@ -158,15 +146,12 @@ def test_units_die_with_a_sigkilled_runner_and_a_second_copy_is_refused(tmp_path
 
         os.kill(runner.pid, signal.SIGKILL)
         runner.wait()
-        deadline = time.monotonic() + 5
-        while _alive(descendants) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        survivors = _alive(descendants)
-        assert survivors == [], f"units outlived the SIGKILLed runner: {survivors}"
+        remaining = survivors(descendants, grace_s=5.0)
+        assert remaining == [], f"units outlived the SIGKILLed runner: {remaining}"
     finally:
         if runner.poll() is None:
             runner.kill()
-        for pid in _alive(descendants):  # clean up by PID before failing
+        for pid in alive(descendants):  # clean up by PID before failing
             psutil.Process(pid).kill()
 
 
