@@ -327,8 +327,8 @@ def bench_adaptive(config: LoopModelConfig, batches: list[int], new_tokens: int,
                   f"{row['decode_tokens_per_s']:>13.1f} {ratio:>24}")
     _set_gate(model, 0.15, -0.5)
     agreement = _oracle_agreement(engine, pool[:16], new_tokens, params)
-    print(f"oracle policy, batch 16: rows equal to static R̃=4 / mean share of tokens before "
-          f"the first difference: " + ", ".join(
+    print("oracle policy, batch 16: rows equal to static R̃=4 / mean share of tokens before "
+          "the first difference: " + ", ".join(
               f"{fill} {a['rows_equal']:.2f} / {a['prefix_share']:.2f}"
               for fill, a in agreement.items()))
     return {"per_batch": per_batch, "oracle_agreement": agreement, "clock": clock_name}

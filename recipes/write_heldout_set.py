@@ -46,7 +46,7 @@ class HeldoutSetConfig:
 def main(argv: list[str] | None = None) -> None:
     config = load_config(HeldoutSetConfig, None, sys.argv[1:] if argv is None else argv)
     task = build_task(config.task)
-    records = task.mixed_heldout_problems(config.split, config.count_per_length) \
+    records = task.stratified_problems(config.split, config.count_per_length) \
         if config.count_per_length else task.heldout_problems(config.split, config.count)
     path = write_prompt_set(config.output, records)
     levels: dict[int, int] = {}

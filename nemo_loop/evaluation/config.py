@@ -43,8 +43,10 @@ class EvalConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # native | vllm
     # With an adaptive generation.exit policy: the thresholds it is evaluated at (empty: its own
-    # generation.exit.threshold), at R̃ = the largest loop budget, after the static budgets.
+    # generation.exit.threshold), after the static budgets, at R̃ = exit_loops: one of the loop
+    # budgets (its static run is the reference; null: the largest), e.g. a student's R̃.
     exit_thresholds: list[float] = field(default_factory=list)
+    exit_loops: int | None = None
     generation_batch_size: int = 64  # sequences per native-engine batch (vLLM batches itself)
     entropy_batch_size: int = 16  # sequences per entropy forward
     tensor_parallel: int = 1
@@ -98,10 +100,18 @@ class EvalConfig:
         else:
             for threshold in self.exit_thresholds:
                 replace(self.generation, exit=replace(exit, threshold=threshold)).validate()
-        exit.check_loops(max(self.budgets()))
+        if self.exit_loops is not None and self.exit_loops not in self.budgets():
+            raise ValueError(f"exit_loops {self.exit_loops} must be one of the loop budgets "
+                             f"{self.budgets()} (its static run is the adaptive sweep's "
+                             f"reference)")
+        exit.check_loops(self.exit_budget())
 
     def budgets(self) -> list[int]:
         return sorted(self.loop_budgets) or list(range(1, self.model.num_loops + 1))
+
+    def exit_budget(self) -> int:
+        """R̃ of the adaptive-exit sweep: ``exit_loops``, else the largest loop budget."""
+        return self.exit_loops or max(self.budgets())
 
     def benchmark_specs(self) -> list[BenchmarkSpec]:
         """The registered benchmarks, then the custom file; ``limit`` applies to all of them."""

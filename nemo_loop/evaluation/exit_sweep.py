@@ -2,7 +2,7 @@
 
 With ``generation.exit.policy`` adaptive, every benchmark is evaluated, after its static loop
 budgets, once per threshold of ``exit_thresholds`` (or at ``generation.exit.threshold``; the
-oracle has none) at R̃ = the largest budget. Per threshold:
+oracle has none) at R̃ = ``exit_loops`` (default: the largest budget). Per threshold:
 
 * ``avg@n``, ``pass@k``, ``accuracy_by_difficulty`` (as the static budgets);
 * ``mean_loops_per_token`` (Σ exit loops / Σ generated tokens), ``mean_loops_per_problem``
@@ -32,8 +32,8 @@ from nemo_loop.evaluation.harness import (
     generate_samples,
     generation_flops_per_problem,
     judge,
+    score_metrics,
 )
-from nemo_loop.evaluation.metrics import avg_at_n, mean_pass_at_k, usable_ks
 from nemo_loop.generation.exit import ExitConfig, work_per_token
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ def evaluate_exit_curve(name: str, problems, prompts: list[list[int]], *, engine
                         prompter, config, static_runs: dict[int, GenerationRun]
                         ) -> tuple[dict, list[SampleRecord]]:
     """The adaptive policy of ``config.generation.exit`` at every threshold of the sweep, at
-    R̃ = the largest loop budget (whose static run ``static_runs[R̃]`` is the reference)."""
-    num_loops = max(config.budgets())
+    R̃ = ``config.exit_budget()`` (whose static run ``static_runs[R̃]`` is the reference)."""
+    num_loops = config.exit_budget()
     static = static_runs[num_loops]
     static_flops = generation_flops_per_problem(model.config, prompts, static, num_loops)
     curve, all_records = {}, []
@@ -96,11 +96,7 @@ def threshold_metrics(config, exit_config: ExitConfig, num_loops: int, problems,
     return {
         "threshold": exit_config.threshold,
         "num_loops": num_loops,
-        "num_problems": len(correct_counts),
-        "n_samples": n,
-        "avg@n": avg_at_n(correct_counts, n),
-        "pass@k": {str(k): mean_pass_at_k(correct_counts, n, k)
-                   for k in usable_ks(config.pass_at_k, n)},
+        **score_metrics(config, correct_counts),
         "accuracy_by_difficulty": accuracy_by_difficulty(task, problems, correct_counts, n),
         "mean_loops_per_token": sum(loops) / max(1, len(loops)),
         "mean_loops_per_problem": sum(per_problem) / max(1, len(per_problem)),

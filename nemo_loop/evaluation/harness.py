@@ -196,20 +196,24 @@ def generation_flops_per_problem(model_config, prompts: list[list[int]], run: Ge
     return total / max(1, len(prompts))
 
 
+def score_metrics(config: EvalConfig, correct_counts: list[int]) -> dict:
+    """Problems, samples per problem, avg@n and pass@k of one run's correct-sample counts."""
+    n = config.n_samples
+    return {"num_problems": len(correct_counts), "n_samples": n,
+            "avg@n": avg_at_n(correct_counts, n),
+            "pass@k": {str(k): mean_pass_at_k(correct_counts, n, k)
+                       for k in usable_ks(config.pass_at_k, n)}}
+
+
 def budget_metrics(config: EvalConfig, num_loops: int, correct_counts: list[int],
                    results: list[GenerationResult], entropies: torch.Tensor, seconds: float,
                    records: list[SampleRecord]) -> dict:
-    n = config.n_samples
     tokens = sum(r.length for r in results)
     per_loop = torch.nanmean(entropies, dim=0) if len(results) else torch.full((num_loops,),
                                                                                 float("nan"))
     return {
         "num_loops": num_loops,
-        "num_problems": len(correct_counts),
-        "n_samples": n,
-        "avg@n": avg_at_n(correct_counts, n),
-        "pass@k": {str(k): mean_pass_at_k(correct_counts, n, k)
-                   for k in usable_ks(config.pass_at_k, n)},
+        **score_metrics(config, correct_counts),
         "entropy_per_loop": [float(value) for value in per_loop],
         "seconds_per_sequence": seconds / max(1, len(results)),
         "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),

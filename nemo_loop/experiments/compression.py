@@ -41,11 +41,26 @@ from nemo_loop.tasks import TaskConfig, build_task
 
 log = logging.getLogger(__name__)
 PRETRAINED = "pretrained"
-OUTPUTS = ("pretrain", "data", "students", "eval", "eval-validation", "report.md",
-           "accuracy_vs_loops.png", "experiment.json")
+OUTPUTS = ("pretrain", "data", "students", "eval", "eval-validation", "gates", "eval-gate",
+           "eval-gate-validation", "report.md", "accuracy_vs_loops.png", "experiment.json")
 BENCHMARK = "shell_game"
 DEFAULT_ALGORITHM = "llopsd"
 EVALUATION_SPLITS = ("test", "validation")
+
+
+@dataclass
+class StageTwoGateConfig:
+    """Ouro's Stage II for every evaluated model (a study's secondary analysis): the model's
+    exit gate re-fitted to its own loops (algorithm ``exit_gate``, LM frozen; its config from
+    ``settings``), then the held-out sets scored with ``q_exit`` at every threshold. Empty
+    ``thresholds``: no Stage II."""
+
+    thresholds: list[float] = field(default_factory=list)  # q of q_exit
+    settings: dict[str, Any] = field(default_factory=dict)  # ExitGateConfig: trainer, optim, gate
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.thresholds)
 
 
 @dataclass
@@ -53,8 +68,11 @@ class CompressionExperimentConfig:
     output_dir: str = "runs/compression"
     model: LoopModelConfig = field(default_factory=LoopModelConfig)
     task: TaskConfig = field(default_factory=lambda: TaskConfig(name="shell_game"))
-    train_prompts: int = 2048  # the students' prompt set (distinct full-length train-split games)
-    test_problems: int = 512  # distinct held-out games scored for every model at every loop
+    # The students' prompt set: distinct train-split games (full length; with
+    # task.shell_game.heldout_swaps, spread evenly over the held-out lengths).
+    train_prompts: int = 2048
+    # Distinct held-out games scored for every model at every loop (stratified likewise).
+    test_problems: int = 512
     # The split the evaluation scores: test for results, validation while choosing settings.
     evaluation_split: str = "test"
     student_loops: int = 2  # R̃ of every student
@@ -71,6 +89,7 @@ class CompressionExperimentConfig:
     # that algorithm's config, nested>}.
     students: dict[str, Any] = field(default_factory=dict)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    stage2_gate: StageTwoGateConfig = field(default_factory=StageTwoGateConfig)
 
     @property
     def root(self) -> Path:
@@ -84,8 +103,8 @@ class CompressionExperimentConfig:
         if self.train_prompts < 1:
             raise ValueError("train_prompts must be >= 1")
         task = build_task(self.task)
-        task.check_count("train", self.train_prompts)
-        task.check_count(self.evaluation_split, self.test_problems)
+        task.check_problem_set("train", self.train_prompts)
+        task.check_problem_set(self.evaluation_split, self.test_problems)
         if not 1 <= self.student_loops <= self.model.num_loops:
             raise ValueError(f"student_loops (R̃={self.student_loops}) must be in [1, "
                              f"model.num_loops (R={self.model.num_loops})]")
@@ -105,6 +124,9 @@ class CompressionExperimentConfig:
         for name in self.students:
             self.student_config(name).validate(check_paths=False)
         self.eval_config(PRETRAINED).validate(check_paths=False)
+        if self.stage2_gate.enabled:
+            self.gate_config(PRETRAINED).validate(check_paths=False)
+            self.gate_eval_config(PRETRAINED).validate(check_paths=False)
 
     # ----- the phase configs, with everything the experiment decides filled in -----
 
@@ -140,6 +162,36 @@ class CompressionExperimentConfig:
         return build_algorithm_config(chosen, [shared, method, dotted(decided)],
                                       f"students.{name}")
 
+    def gate_config(self, model_name: str):
+        """Stage II of ``model_name``: its exit gate trained with the LM frozen, into
+        ``gates/<model>/`` (``stage2_gate.settings`` ← what the experiment decides)."""
+        chosen = algorithm("exit_gate")
+        refuse_decided_keys(chosen, self.stage2_gate.settings, "stage2_gate.settings")
+        source = self.root / ("pretrain" if model_name == PRETRAINED else "students") / (
+            "model" if model_name == PRETRAINED else model_name)
+        decided = {"model": to_dict(self.model), "task": to_dict(self.task),
+                   "output_dir": str(self.root / "gates" / model_name),
+                   "trainer.init_from": str(source.resolve()),
+                   # the experiment owns the directory: a rerun continues or starts over
+                   "trainer.resume": True, "trainer.overwrite": True}
+        if self.seed is not None:
+            decided.update({key: self.seed for key in chosen.seed_keys})
+        return build_algorithm_config(chosen, [self.stage2_gate.settings, dotted(decided)],
+                                      "stage2_gate.settings")
+
+    def gate_eval_config(self, model_name: str, split: str | None = None) -> EvalConfig:
+        """The Stage II model scored with ``q_exit`` at ``stage2_gate.thresholds``, at the R̃
+        the model is swept at (``eval-gate[-<split>]/``)."""
+        base = self.eval_config(model_name, split)
+        loops = self.evaluated_loops(model_name) or self.model.num_loops
+        scores = "eval-gate" + ("" if (split or self.evaluation_split) == self.evaluation_split
+                                else f"-{split}")
+        exit_config = replace(self.evaluation.generation.exit, policy="q_exit", threshold=None)
+        return replace(base, checkpoint=str(self.root / "gates" / model_name / "model"),
+                       generation=replace(base.generation, exit=exit_config),
+                       exit_thresholds=list(self.stage2_gate.thresholds), loop_budgets=[loops],
+                       exit_loops=loops, output_dir=str(self.root / scores / model_name))
+
     def prompt_set_path(self, split: str) -> Path:
         return self.root / "data" / f"{split}.jsonl"
 
@@ -162,9 +214,12 @@ class CompressionExperimentConfig:
         held_out = BenchmarkSpec(name=BENCHMARK, path=str(self.prompt_set_path(split).resolve()),
                                  id_field="id")
         scores = "eval" if split == self.evaluation_split else f"eval-{split}"
+        # An adaptive exit policy sweeps a student at its own R̃ (the pretrained model at R).
+        exit_loops = self.evaluated_loops(model_name) or self.model.num_loops \
+            if self.evaluation.generation.exit.adaptive else None
         return replace(self.evaluation, model=self.model,
                        checkpoint=str(self.model_checkpoint(model_name)), benchmarks=[],
-                       custom=held_out, task=self.task,
+                       custom=held_out, task=self.task, exit_loops=exit_loops,
                        output_dir=str(self.root / scores / model_name))
 
 
@@ -238,6 +293,16 @@ def evaluate_model(config: CompressionExperimentConfig, name: str,
     return accuracy_per_loop(evaluate(config.eval_config(name, split)))
 
 
+def stage_two(config: CompressionExperimentConfig, name: str, splits: list[str]) -> None:
+    """Stage II for model ``name``: train its exit gate, then score ``q_exit`` on ``splits``."""
+    from nemo_loop.algorithms.exit_gate import train as train_gate
+    from nemo_loop.evaluation.harness import evaluate
+
+    train_gate(config.gate_config(name))
+    for split in splits:
+        evaluate(config.gate_eval_config(name, split))
+
+
 def run_experiment(config: CompressionExperimentConfig) -> dict:
     """All phases; returns what ``experiment.json`` holds (rank 0 writes the files)."""
     from nemo_loop.experiments import report
@@ -285,14 +350,15 @@ def clear_previous_outputs(root: Path) -> None:
 
 def write_prompt_sets(config: CompressionExperimentConfig, also: tuple[str, ...] = ()) -> None:
     """The training prompts and the held-out problems of ``evaluation_split`` (and of the
-    splits in ``also``: a study's validation split), ``test_problems`` of each."""
+    splits in ``also``: a study's validation split), ``test_problems`` of each — stratified by
+    difficulty when the task is (:meth:`~nemo_loop.tasks.base.Task.problem_set`)."""
     if torch.distributed.get_rank() == 0:
         task = build_task(config.task)
-        write_prompt_set(config.prompt_set_path("train"), task.heldout_problems(
+        write_prompt_set(config.prompt_set_path("train"), task.problem_set(
             "train", config.train_prompts))
         for split in dict.fromkeys([config.evaluation_split, *also]):
-            task.check_count(split, config.test_problems)
-            write_prompt_set(config.prompt_set_path(split), task.heldout_problems(
+            task.check_problem_set(split, config.test_problems)
+            write_prompt_set(config.prompt_set_path(split), task.problem_set(
                 split, config.test_problems))
     torch.distributed.barrier()
 

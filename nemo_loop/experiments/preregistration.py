@@ -88,16 +88,22 @@ class PrimaryMetric:
     selection split; without an exit policy: accuracy at the cell's R̃)."""
 
     description: str = ""
-    exit_policy: str | None = None
-    thresholds: list[float] = field(default_factory=list)
+    exit_policy: str | None = None  # the evaluation's generation.exit.policy (set from here)
+    thresholds: list[float] = field(default_factory=list)  # its exit_thresholds (likewise)
     budget_loops: float | None = None
+    # Budgets whose matched-budget accuracies are averaged into one number for the whole curve
+    # (a secondary analysis); empty: the budget alone.
+    curve_budgets: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.exit_policy is None:
-            if self.thresholds or self.budget_loops is not None:
-                raise PreregistrationError("preregistration.primary: thresholds and "
-                                           "budget_loops need an exit_policy")
+            if self.thresholds or self.budget_loops is not None or self.curve_budgets:
+                raise PreregistrationError("preregistration.primary: thresholds, budget_loops "
+                                           "and curve_budgets need an exit_policy")
             return
+        if any(not (math.isfinite(b) and b >= 1) for b in self.curve_budgets):
+            raise PreregistrationError(f"preregistration.primary.curve_budgets must be mean "
+                                       f"loop counts >= 1, got {self.curve_budgets}")
         if not self.thresholds:
             raise PreregistrationError("preregistration.primary.thresholds is empty: the exit "
                                        "policy's thresholds to choose from")

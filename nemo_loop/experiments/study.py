@@ -256,8 +256,19 @@ class Study:
         path = Path(self.config.experiment)
         if not path.is_file():
             path = CONF_DIR / self.config.experiment
-        base = load_config(CompressionExperimentConfig, path,
-                           dotlist(flat_items(self.config.settings)))
+        primary = self.config.preregistration.primary
+        settings = flat_items(self.config.settings)
+        if primary.exit_policy is not None:
+            # The pre-registered exit policy and thresholds are what every model is scored with.
+            decided = {"evaluation.generation.exit.policy": primary.exit_policy,
+                       "evaluation.exit_thresholds": list(primary.thresholds)}
+            clashes = [key for key in decided if key in settings and settings[key] !=
+                       decided[key]]
+            if clashes:
+                raise StudyError(f"settings.{clashes[0]} contradicts the pre-registration's "
+                                 f"primary analysis; set it there (preregistration.primary)")
+            settings.update(decided)
+        base = load_config(CompressionExperimentConfig, path, dotlist(settings))
         resolved = to_dict(base)
         resolved["students"] = {}
         return resolved

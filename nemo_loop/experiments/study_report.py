@@ -26,7 +26,10 @@ import math
 from pathlib import Path
 
 from nemo_loop.experiments.statistics import Interval, mean_interval, paired_interval, verdict
-from nemo_loop.experiments.study import Study, Unit
+from nemo_loop.experiments.study import METHOD_AXIS, Study, Unit
+from nemo_loop.experiments.study_primary import analyse
+from nemo_loop.experiments.study_primary import markdown as primary_markdown
+from nemo_loop.experiments.study_primary import plot as plot_primary
 from nemo_loop.experiments.study_sections import (
     gate_markdown,
     gate_summary,
@@ -135,11 +138,13 @@ def _selection(records: list[dict], baseline: list[dict] | None = None) -> dict 
 
 
 def summarize(study: Study, records: dict) -> dict:
-    cells, references = {}, {}
+    cells, references, reference_records = {}, {}, {}
     for pretraining in dict.fromkeys(study.pretraining_of(c.name) for c in study.cells):
         complete = _complete(study, records, None, pretraining)
         if complete:
-            references["pretrained" + (f" {pretraining}" if pretraining else "")] = {
+            name = "pretrained" + (f" {pretraining}" if pretraining else "")
+            reference_records[name] = complete
+            references[name] = {
                 "accuracy": _intervals(_per_loop(complete)),
                 "train_flops": _mean([r["train_flops"] for r in complete]),
                 "inference_flops_per_problem": _mean_costs(complete),
@@ -173,6 +178,14 @@ def summarize(study: Study, records: dict) -> dict:
     summary = {"study": study.config.name, "seeds": study.seeds_in_effect()[0],
                "baseline": study.config.baseline_values(), "references": references,
                "cells": cells, "missing": missing, "gate": gate_summary(study)}
+    summary["primary"] = primary = analyse(
+        study.config.preregistration.primary,
+        {cell.name: _complete(study, records, cell.name) for cell in study.cells},
+        reference_records, study.baselines,
+        {cell.name: tuple(value for axis, value in cell.values if axis != METHOD_AXIS)
+         for cell in study.cells})
+    for name, entry in (primary or {}).get("cells", {}).items():
+        cells[name]["primary"] = entry
     summary["tuning"] = tuning_choices(study, summary, _judged_cell)
     return summary
 
@@ -249,6 +262,8 @@ def markdown(study: Study, summary: dict, command: str | None) -> str:
         sections += ["Command:", "", f"```bash\n{command}\n```", ""]
     sections += preregistration_markdown(study) + gate_markdown(summary["gate"])
     sections += tuning_markdown(study, summary["tuning"])
+    sections += primary_markdown(summary["primary"], {
+        name: cell.get("student_loops") for name, cell in summary["cells"].items()})
     sections += ["## Accuracy per loop budget", "", *lines, "",
                  f"![accuracy vs loops]({PLOTS['loops']})", ""]
     if paired:
@@ -371,6 +386,11 @@ def plot_all(root: Path, study: Study, summary: dict) -> None:
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(figure, root / PLOTS["loops"])
     _plot_paired(root, summary)
+    panel_titles = {name: ", ".join(f"{a.split('.')[-1]}={cell['axes'][a]}" for a in others)
+                    for name, cell in complete.items()}
+    plot_primary(root, summary["primary"], panel_titles,
+                 {name: entry["accuracy"] for name, entry in
+                  [*summary["references"].items(), *complete.items()]})
 
     figure, ax = plt.subplots(figsize=(6, 4))
     costs = []

@@ -24,9 +24,11 @@ from nemo_loop.experiments.compression import (
     PhaseClock,
     evaluate_model,
     pretrain_phase,
+    stage_two,
     train_student,
     write_prompt_sets,
 )
+from nemo_loop.experiments.exit_results import exit_curve
 from nemo_loop.experiments.study import Study, StudyError, Unit, read_unit
 from nemo_loop.utils.collective import run_collectively
 from nemo_loop.utils.flops import LoopShape, generation_flops
@@ -131,6 +133,7 @@ def _shared(study: Study, unit: Unit) -> dict:
     clock.run("write prompt sets", write_prompt_sets, config, (selection,) if selection else ())
     clock.run("evaluate: pretrained", evaluate_model, config, PRETRAINED)
     result = _selection(clock, config, PRETRAINED, selection)
+    result.update(_stage_two(clock, config, PRETRAINED, selection))
     evaluation = evaluation_result(config, PRETRAINED)
     gate = study.config.preregistration.gate
     if gate.active:
@@ -154,6 +157,7 @@ def _cell(study: Study, unit: Unit) -> dict:
     clock.run(f"train: {cell.name}", train_student, config, cell.name)
     clock.run(f"evaluate: {cell.name}", evaluate_model, config, cell.name)
     result = _selection(clock, config, cell.name, study.selection_split())
+    result.update(_stage_two(clock, config, cell.name, study.selection_split()))
     student = config.student_config(cell.name)
     return {"phase_seconds": clock.seconds,
             "train_flops": run_flops(Path(student.output_dir), student.trainer.max_steps),
@@ -167,8 +171,20 @@ def _selection(clock: PhaseClock, config: CompressionExperimentConfig, model_nam
         return {}
     clock.run(f"evaluate on {split}: {model_name}", evaluate_model, config, model_name, split)
     scores = evaluation_result(config, model_name, split)
-    return {"selection": {"split": split, "problem_ids": scores["problem_ids"],
-                          "accuracy": scores["accuracy"]}}
+    return {"selection": {key: scores[key] for key in ("problem_ids", "accuracy", "exit",
+                                                       "levels")} | {"split": split}}
+
+
+def _stage_two(clock: PhaseClock, config: CompressionExperimentConfig, model_name: str,
+               selection: str | None) -> dict:
+    """Stage II (``stage2_gate``): the model's gate re-fitted, its q_exit curves recorded."""
+    if not config.stage2_gate.enabled:
+        return {}
+    splits = list(dict.fromkeys([config.evaluation_split, *([selection] if selection else [])]))
+    clock.run(f"stage II: {model_name}", stage_two, config, model_name, splits)
+    return {"gate_exit": {("evaluation" if split == config.evaluation_split else "selection"):
+                          _samples_curve(config.gate_eval_config(model_name, split))
+                          for split in splits}}
 
 
 def run_flops(output_dir: Path, max_steps: int) -> float | None:
@@ -187,20 +203,20 @@ def evaluation_result(config: CompressionExperimentConfig, model_name: str,
     """Per loop budget: accuracy, per-problem correctness (mean over samples, in the prompt
     set's order) and model FLOPs per problem (prefill + decoding at that budget), on ``split``
     (default: the experiment's evaluation_split)."""
-    from nemo_loop.data.prompts import PromptSetConfig, load_prompt_set
-    from nemo_loop.evaluation.report import SAMPLES_JSONL
     from nemo_loop.tasks import build_task
 
     eval_config = config.eval_config(model_name, split)
-    problems = load_prompt_set(PromptSetConfig(path=eval_config.custom.path, id_field="id"))
-    tokenizer = build_task(config.task).tokenizer()
+    problems = _problems(eval_config)
+    task = build_task(config.task)
+    tokenizer = task.tokenizer()
     prompt_tokens = {p.id: len(tokenizer.encode_prompt(p.problem)) for p in problems}
     shape = LoopShape.of(config.model)
-    samples = [json.loads(line) for line in
-               (Path(eval_config.output_dir) / SAMPLES_JSONL).read_text().splitlines()]
+    samples = _samples(eval_config)
     correct: dict[int, dict[str, list[float]]] = {}
     flops: dict[int, list[int]] = {}
     for sample in samples:
+        if sample.get("exit_policy", "static") != "static":
+            continue  # the adaptive sweep: exit_curve below
         loops = sample["num_loops"]
         correct.setdefault(loops, {}).setdefault(sample["problem_id"], []).append(
             float(sample["correct"]))
@@ -216,4 +232,24 @@ def evaluation_result(config: CompressionExperimentConfig, model_name: str,
         "accuracy": {loops: sum(values) / len(values) for loops, values in per_problem.items()},
         "inference_flops_per_problem": {str(loops): sum(values) / len(values)
                                         for loops, values in sorted(flops.items())},
+        "exit": exit_curve(samples, ids),
+        "levels": {p.id: task.difficulty(p.problem) for p in problems
+                   if task.difficulty(p.problem) is not None},
     }
+
+
+def _problems(eval_config) -> list:
+    from nemo_loop.data.prompts import PromptSetConfig, load_prompt_set
+
+    return load_prompt_set(PromptSetConfig(path=eval_config.custom.path, id_field="id"))
+
+
+def _samples(eval_config) -> list[dict]:
+    from nemo_loop.evaluation.report import SAMPLES_JSONL
+
+    return [json.loads(line) for line in
+            (Path(eval_config.output_dir) / SAMPLES_JSONL).read_text().splitlines()]
+
+
+def _samples_curve(eval_config) -> dict | None:
+    return exit_curve(_samples(eval_config), [p.id for p in _problems(eval_config)])

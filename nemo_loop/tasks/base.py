@@ -133,8 +133,27 @@ class Task(ABC):
         of swaps); evaluation reports accuracy per level. None: no levels."""
         return None
 
-    def mixed_heldout_problems(self, split: str, count_per_length: int) -> list[PromptRecord]:
-        raise ValueError(f"task {self.name!r} has no mixed-difficulty held-out sets")
+    def difficulty_levels(self) -> list[int]:
+        """The levels the task's problem sets are stratified over ([]: not stratified; the shell
+        game with ``heldout_swaps``: its held-out game lengths)."""
+        return []
+
+    def stratified_problems(self, split: str, count_per_length: int) -> list[PromptRecord]:
+        raise ValueError(f"task {self.name!r} has no difficulty-stratified problem sets")
+
+    def problem_set(self, split: str, count: int) -> list[PromptRecord]:
+        """About ``count`` problems of ``split`` for an experiment's prompt set: spread evenly
+        over the difficulty levels when the task has them (all of a level where it has fewer),
+        else :meth:`heldout_problems`."""
+        levels = self.difficulty_levels()
+        if levels:
+            return self.stratified_problems(split, -(-count // len(levels)))
+        return self.heldout_problems(split, count)
+
+    def check_problem_set(self, split: str, count: int) -> None:
+        """:meth:`check_count` for :meth:`problem_set`."""
+        levels = self.difficulty_levels()
+        self.check_count(split, -(-count // len(levels)) if levels else count)
 
     def max_sequence_tokens(self) -> int | None:
         """Longest prompt + answer + end of turn in tokens, when the task knows it."""

@@ -160,18 +160,25 @@ def games_of_length(config: ShellGameConfig, length: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _ranked_splits(num_cups: int, length: int) -> dict[str, str]:
-    """Held-out games of one short length: the ⌈20%⌉ lowest hashes are test, the next ⌈10%⌉
-    validation (text → split; every other game of that length is train)."""
+def _games_by_hash(num_cups: int, length: int) -> tuple[str, ...]:
+    """Every game of one length, ranked by its hash."""
     config = ShellGameConfig(num_cups=num_cups, num_swaps=max(length, 1))
-    texts = sorted((render(config, start, list(swaps)).text
-                    for start in range(num_cups)
-                    for swaps in itertools.product(range(len(config.swaps())), repeat=length)),
-                   key=_game_hash)
+    return tuple(sorted((render(config, start, list(swaps)).text
+                         for start in range(num_cups)
+                         for swaps in itertools.product(range(len(config.swaps())),
+                                                        repeat=length)),
+                        key=_game_hash))
+
+
+@functools.lru_cache(maxsize=64)
+def _ranked_splits(num_cups: int, length: int) -> dict[str, str]:
+    """Every game of one short held-out length → its split: the ⌈20%⌉ lowest hashes are test,
+    the next ⌈10%⌉ validation, the rest train."""
+    texts = _games_by_hash(num_cups, length)
     test = math.ceil(_SPLIT_SHARE["test"] * len(texts))
     validation = math.ceil(_SPLIT_SHARE["validation"] * len(texts))
-    return {text: "test" if rank < test else "validation"
-            for rank, text in enumerate(texts[:test + validation])}
+    return {text: "test" if rank < test else "validation" if rank < test + validation
+            else "train" for rank, text in enumerate(texts)}
 
 
 def heldout_lengths(config: ShellGameConfig) -> list[int]:
@@ -181,13 +188,14 @@ def heldout_lengths(config: ShellGameConfig) -> list[int]:
 
 def mixed_problems(config: ShellGameConfig, split: str, count_per_length: int
                    ) -> list[tuple[int, Problem]]:
-    """A held-out set stratified by game length: (k, problem) for ``count_per_length`` distinct
-    games of ``split`` per length k in :func:`heldout_lengths` — all of them where a short
-    length has fewer. The full-length part is the first games of :func:`problems` (the 8-swap
-    set of the same config); a short length's games are its held-out games in a seeded order.
-    The same list for the same config."""
-    if split not in ("validation", "test"):
-        raise ValueError(f"mixed held-out sets are drawn from validation or test, got {split!r}")
+    """A set stratified by game length: (k, problem) for ``count_per_length`` distinct games of
+    ``split`` per length k in :func:`heldout_lengths` — all of them where a short length has
+    fewer. The full-length part is the first games of :func:`problems` (the 8-swap set of the
+    same config); a short length's games are its games of ``split`` in a seeded order. The same
+    list for the same config. ``split`` train gives training prompts of the same lengths as the
+    held-out sets (disjoint from them by construction)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if count_per_length < 1:
         raise ValueError(f"count_per_length must be >= 1, got {count_per_length}")
     chosen = []
@@ -395,8 +403,12 @@ class ShellGameTask(Task):
         return [PromptRecord(p.text, p.answer, None, str(i))
                 for i, p in enumerate(problems(self.config, split, count))]
 
-    def mixed_heldout_problems(self, split: str, count_per_length: int) -> list[PromptRecord]:
-        """The held-out set stratified by game length (:func:`mixed_problems`), ids ``k<k>-<i>``."""
+    def difficulty_levels(self) -> list[int]:
+        return heldout_lengths(self.config) if self.config.heldout_swaps else []
+
+    def stratified_problems(self, split: str, count_per_length: int) -> list[PromptRecord]:
+        """A set of ``split`` stratified by game length (:func:`mixed_problems`), ids
+        ``k<k>-<i>``."""
         return [PromptRecord(p.text, p.answer, None, f"k{k}-{i}")
                 for i, (k, p) in enumerate(mixed_problems(self.config, split, count_per_length))]
 

@@ -133,7 +133,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(pretrained, tmp_path, algo
 
     straight = run("straight", 4)
     first, second = run("resumed", 2), run("resumed", 4)
-    losses = assert_exact_resume(straight, first, second, tmp_path / "resumed")
+    assert_exact_resume(straight, first, second, tmp_path / "resumed")
     if algorithm == "rltt":
         assert straight[-1]["loop_weights"] == second[-1]["loop_weights"]
         assert straight[-1]["loop_weights"] != pytest.approx([0.5, 0.5], abs=1e-6)

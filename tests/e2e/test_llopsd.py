@@ -22,7 +22,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(megatron_single_process, t
     straight = train(_config(tmp_path / "straight", "trainer.max_steps=4", *common))
     first = train(_config(tmp_path / "resumed", "trainer.max_steps=2", *common))
     second = train(_config(tmp_path / "resumed", "trainer.max_steps=4", *common))
-    losses = assert_exact_resume(straight, first, second, tmp_path / "resumed")
+    assert_exact_resume(straight, first, second, tmp_path / "resumed")
 
     # The issue-19 case: same tensor shapes, another model (8 heads in 4 groups, R = 3).
     from nemo_loop.checkpointing import CheckpointMismatchError

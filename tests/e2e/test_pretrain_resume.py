@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -15,6 +14,7 @@ import pytest
 from nemo_loop.algorithms import pretrain
 from nemo_loop.config import CONF_DIR, load_config
 from nemo_loop.utils.preemption import Preempted
+from tests.processes import survivors
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_RUN = ["trainer.micro_batch_size=8", "trainer.global_batch_size=8", "trainer.log_interval=1",
@@ -143,21 +143,6 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def _survivors(pids: list[int], grace_s: float) -> list[int]:
-    deadline = time.monotonic() + grace_s
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)
-
-
 @pytest.mark.resume
 def test_kill_during_a_save_leaves_no_process_and_the_rerun_resumes_exactly(tmp_path):
     overrides = ["trainer.max_steps=6", "trainer.save_interval=2", *TINY_RUN]
@@ -170,10 +155,10 @@ def test_kill_during_a_save_leaves_no_process_and_the_rerun_resumes_exactly(tmp_
                    f"output_dir={run}", *overrides])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     children = json.loads(children_file.read_text())
-    survivors = _survivors(children, grace_s=5.0)
-    for pid in survivors:  # clean up what the run left, by PID, before failing
+    remaining = survivors(children, grace_s=5.0)
+    for pid in remaining:  # clean up what the run left, by PID, before failing
         psutil.Process(pid).kill()
-    assert survivors == [], f"processes outlived the killed run: {survivors} of {children}"
+    assert remaining == [], f"processes outlived the killed run: {remaining} of {children}"
     checkpoints = run / "checkpoints"
     assert (checkpoints / "step_0000004.tmp").is_dir()  # killed mid-save
     assert (checkpoints / "latest_checkpointed_step.txt").read_text() == "2"

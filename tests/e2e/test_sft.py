@@ -38,7 +38,7 @@ def test_resumed_sft_repeats_the_uninterrupted_losses(megatron_single_process, t
     straight = train(_game_config(tmp_path / "straight", games, "trainer.max_steps=4", *common))
     first = train(_game_config(tmp_path / "resumed", games, "trainer.max_steps=2", *common))
     second = train(_game_config(tmp_path / "resumed", games, "trainer.max_steps=4", *common))
-    losses = assert_exact_resume(straight, first, second, tmp_path / "resumed")
+    assert_exact_resume(straight, first, second, tmp_path / "resumed")
 
 
 def test_sft_learns_the_shell_game_answers_at_two_loops(megatron_single_process, tmp_path,

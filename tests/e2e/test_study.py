@@ -103,19 +103,6 @@ def test_miniature_study_runs_resumes_and_refuses_another_study(tmp_path):
     assert "optim.lr" in refused.stderr
 
 
-def _alive(pids: list[int]) -> list[int]:
-    import psutil
-
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 @pytest.mark.slow
 def test_units_die_with_a_sigkilled_runner_and_a_second_copy_is_refused(tmp_path):
     """Issue 23: the runner's unit (torchrun and its two workers, the hardest case: torchrun
@@ -128,6 +115,7 @@ def test_units_die_with_a_sigkilled_runner_and_a_second_copy_is_refused(tmp_path
     import psutil
 
     from nemo_loop.utils.run_lock import holder_pid
+    from tests.processes import alive, survivors
 
     runner = subprocess.Popen(
         [sys.executable, "recipes/study.py", "--config", "conf/studies/miniature.yaml",
@@ -158,13 +146,71 @@ def test_units_die_with_a_sigkilled_runner_and_a_second_copy_is_refused(tmp_path
 
         os.kill(runner.pid, signal.SIGKILL)
         runner.wait()
-        deadline = time.monotonic() + 5
-        while _alive(descendants) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        survivors = _alive(descendants)
-        assert survivors == [], f"units outlived the SIGKILLed runner: {survivors}"
+        remaining = survivors(descendants, grace_s=5.0)
+        assert remaining == [], f"units outlived the SIGKILLed runner: {remaining}"
     finally:
         if runner.poll() is None:
             runner.kill()
-        for pid in _alive(descendants):  # clean up by PID before failing
+        for pid in alive(descendants):  # clean up by PID before failing
             psutil.Process(pid).kill()
+
+
+def _exit_curve(samples: Path) -> dict[float, tuple[float, float]]:
+    """threshold → (accuracy, mean exit loop) of the confidence-exit rows of an evaluation."""
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    curve = {}
+    for threshold in {row["exit_threshold"] for row in rows
+                      if row["exit_policy"] == "confidence"}:
+        chosen = [row for row in rows if row["exit_policy"] == "confidence"
+                  and row["exit_threshold"] == threshold]
+        # one answer token per problem (max_new_tokens 1): its exit loop
+        assert all(len(row["exit_loops"]) == 1 for row in chosen)
+        curve[threshold] = (sum(row["correct"] for row in chosen) / len(chosen),
+                            sum(row["exit_loops"][0] for row in chosen) / len(chosen))
+    return curve
+
+
+@pytest.mark.slow
+def test_adaptive_exit_miniature_scores_the_preregistered_primary_metric(tmp_path):
+    """Study 2's pipeline (conf/studies/adaptive_exit_miniature.yaml): the matched-budget
+    accuracy of the report equals one recomputed from the evaluations' own samples (threshold
+    chosen on validation within the budget, test scored there), students train on games
+    disjoint from the held-out ones, and Stage II's q_exit curves are scored."""
+    result = subprocess.run([sys.executable, "recipes/study.py", "--config",
+                             "conf/studies/adaptive_exit_miniature.yaml",
+                             f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    primary = summary["primary"]
+    budget = primary["budget_loops"]
+    data = tmp_path / "seeds" / "1" / "data"
+    held_out = {json.loads(line)["problem"] for split in ("validation", "test")
+                for line in (data / f"{split}.jsonl").read_text().splitlines()}
+    train = [json.loads(line)["problem"] for line in (data / "train.jsonl").read_text()
+             .splitlines()]
+    assert train and not held_out & set(train)
+    assert {len(problem.split()) - 4 for problem in train} == {4, 5, 6, 7, 8}
+    chosen = {}
+    for cell in ("terminal_only", "shift_uniform"):
+        seed_dir = tmp_path / "seeds" / "1"
+        selection = _exit_curve(seed_dir / "eval-validation" / cell / "samples.jsonl")
+        evaluation = _exit_curve(seed_dir / "eval" / cell / "samples.jsonl")
+        within = [t for t, (_, loops) in selection.items() if loops <= budget]
+        assert within, selection
+        best = max(within, key=lambda t: (selection[t][0], -selection[t][1]))
+        chosen[cell] = evaluation[best][0]
+        entry = primary["cells"][cell]
+        assert entry["accuracy"]["mean"] == pytest.approx(chosen[cell])
+        assert entry["thresholds"] == [best]
+        assert set(entry["by_level"]) == {"4", "5", "6", "7", "8"}
+        assert "gate" in entry  # q_exit after Stage II, scored
+    versus = primary["cells"]["shift_uniform"]["versus"]
+    assert versus["baseline"] == "terminal_only"
+    assert versus["accuracy"]["difference"]["mean"] == pytest.approx(
+        chosen["shift_uniform"] - chosen["terminal_only"])
+    assert primary["contrasts"]["terminal_only"]["shift_uniform"]["difference"]["mean"] == \
+        pytest.approx(chosen["terminal_only"] - chosen["shift_uniform"])
+    report = (tmp_path / "report.md").read_text()
+    assert "## Primary analysis: accuracy at a matched budget" in report
+    assert (tmp_path / "accuracy_vs_mean_loops.png").exists()

@@ -35,7 +35,7 @@ def sweep(megatron_single_process, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
     task = build_task(TaskConfig(name="shell_game", shell_game=ShellGameConfig(
         heldout_swaps=[2, 3, 4, 5, 6, 7])))
-    write_prompt_set(tmp_path / "mixed.jsonl", task.mixed_heldout_problems("test", 4))
+    write_prompt_set(tmp_path / "mixed.jsonl", task.stratified_problems("test", 4))
     config = _config(tmp_path, "generation.exit.policy=q_exit", "exit_thresholds=[0.6,1.0]",
                      "generation.exit.kv_fill=propagate")
     torch.manual_seed(0)

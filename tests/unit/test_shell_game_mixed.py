@@ -56,6 +56,19 @@ def test_mixed_sets_are_disjoint_from_training_stratified_and_reproducible(split
     assert {sg.swaps_of(text) for text in training} == set(range(1, 9))
 
 
+def test_stratified_training_prompts_avoid_every_held_out_game():
+    """Training prompts of the held-out lengths (a student's prompt set) come from the train
+    split only, stratified the same way, all of a short length's train games where fewer."""
+    chosen = sg.mixed_problems(MIXED, "train", 30)
+    assert chosen == sg.mixed_problems(MIXED, "train", 30)
+    per_length = collections.Counter(length for length, _ in chosen)
+    assert per_length[2] == 27 - 6 - 3 and all(per_length[k] == 30 for k in range(3, 9))
+    held_out = {p.text for split in ("test", "validation")
+                for _, p in sg.mixed_problems(MIXED, split, 100)}
+    assert all(sg.split_of(p, MIXED) == "train" for _, p in chosen)
+    assert not held_out & {p.text for _, p in chosen}
+
+
 def test_full_length_sets_are_unchanged():
     plain = sg.ShellGameConfig()
     assert sg.problems(plain, "test", 300) == sg.problems(MIXED, "test", 300)
@@ -68,7 +81,7 @@ def test_full_length_sets_are_unchanged():
 
 def test_task_records_and_difficulty():
     task = build_task(TaskConfig(name="shell_game", shell_game=MIXED))
-    records = task.mixed_heldout_problems("test", 5)
+    records = task.stratified_problems("test", 5)
     assert [r.id for r in records][:6] == ["k2-0", "k2-1", "k2-2", "k2-3", "k2-4", "k3-5"]
     assert [task.difficulty(r.problem) for r in records] == \
         [int(r.id.split("-")[0][1:]) for r in records]
