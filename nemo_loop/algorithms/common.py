@@ -57,10 +57,11 @@ class TrainableModel:
         return copy
 
 
-def build_trainable_model(config, run) -> TrainableModel:
+def build_trainable_model(config, run, train_only: str | None = None) -> TrainableModel:
     """Parallel state, this rank's stage of ``config.model``, its initial weights
     (``run.load_initial_weights``: before DDP and the optimizer copy them into their buffers and
-    master params), DDP and the optimizer with its LR schedule."""
+    master params), DDP and the optimizer with its LR schedule. ``train_only``: a parameter
+    name prefix; the other parameters are frozen, so DDP and the optimizer hold these alone."""
     from nemo_loop.utils.distributed import initialize_model_parallel
 
     parallel = config.parallel
@@ -68,6 +69,9 @@ def build_trainable_model(config, run) -> TrainableModel:
     model = build_loop_model(config.model.transformer_config(
         parallel.tensor_parallel, parallel.pipeline_parallel, parallel.sequence_parallel))
     run.load_initial_weights(model)
+    if train_only is not None:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith(train_only))
     ddp_model = wrap_data_parallel(model, config.optim.use_distributed_optimizer)
     optimizer, scheduler = build_optimizer(ddp_model, config.optim)
     return TrainableModel(model, ddp_model, optimizer, scheduler)

@@ -22,14 +22,17 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core.utils import unwrap_model
 
 from nemo_loop.algorithms import step_flops
-from nemo_loop.algorithms.common import build_optimizer, train_step, wrap_data_parallel
-from nemo_loop.algorithms.pretrain import PretrainConfig, TrainerConfig, training_source
+from nemo_loop.algorithms.common import build_trainable_model, train_step
+from nemo_loop.algorithms.pretrain import (
+    PretrainConfig,
+    PretrainState,
+    TrainerConfig,
+    training_source,
+)
 from nemo_loop.algorithms.training_run import TrainingRun
 from nemo_loop.losses.exit_gate import exit_gate_loss
-from nemo_loop.models.looplm.model import build_loop_model
 
 GATE_PARAMETERS = "exit_gate."
 
@@ -58,13 +61,6 @@ class ExitGateConfig(PretrainConfig):
             raise ValueError("trainer.init_from is required: Stage II trains the exit gate of a "
                              "trained model (a run directory, its checkpoints, a step or a "
                              "model-only directory)")
-        if check_paths:
-            from nemo_loop.checkpointing import resolve_checkpoint
-
-            try:
-                resolve_checkpoint(self.trainer.init_from)
-            except FileNotFoundError as error:
-                raise FileNotFoundError(f"trainer.init_from: {error}") from None
         if self.parallel.pipeline_parallel > 1:
             raise ValueError("exit-gate training needs parallel.pipeline_parallel=1: only the "
                              "last stage holds the gate, the others would train nothing")
@@ -75,39 +71,20 @@ class ExitGateConfig(PretrainConfig):
                              "not use it (its loss is set in the gate section)")
 
 
-@dataclass
-class ExitGateState:
-    config: ExitGateConfig
-    source: object  # TaskSource | TextSource
-    run: TrainingRun
-    ddp_model: torch.nn.Module
-    optimizer: object
-    scheduler: object
-
-
-def setup(config: ExitGateConfig) -> ExitGateState:
+def setup(config: ExitGateConfig) -> PretrainState:
     """The data source, the run (storage checked first), the model from ``trainer.init_from``
     with everything but the gate frozen, the gate's optimizer, and the resumed checkpoint."""
-    from nemo_loop.utils.distributed import initialize_model_parallel
-
     source = training_source(config)
     config.validate(torch.distributed.get_world_size())
     run = TrainingRun(config, source.tokenizer)
-    parallel = config.parallel
-    initialize_model_parallel(parallel, seed=config.trainer.seed)
-    model = build_loop_model(config.model.transformer_config(
-        parallel.tensor_parallel, parallel.pipeline_parallel, parallel.sequence_parallel))
-    run.load_initial_weights(model)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(GATE_PARAMETERS))
-    ddp_model = wrap_data_parallel(model, config.optim.use_distributed_optimizer)
-    optimizer, scheduler = build_optimizer(ddp_model, config.optim)
-    run.resume(ddp_model, optimizer, scheduler)
-    return ExitGateState(config, source, run, ddp_model, optimizer, scheduler)
+    state = PretrainState(config, build_trainable_model(config, run, train_only=GATE_PARAMETERS),
+                          run, source=source)
+    run.resume(state)
+    return state
 
 
-def gate_step(state: ExitGateState, step: int) -> dict:
-    config = state.config
+def gate_step(state: PretrainState) -> dict:
+    config, step = state.config, state.step + 1
     micro_batches = state.source.micro_batches(step)
 
     def loss_func(batch, output, normalizer):
@@ -119,28 +96,16 @@ def gate_step(state: ExitGateState, step: int) -> dict:
                          loss_func)
     metrics["step_time_s"] = time.perf_counter() - started
     metrics.update(step_flops.exit_gate(config, micro_batches, metrics["step_time_s"]))
-    metrics["step"] = step
+    state.step = step
     return metrics
-
-
-def save(state: ExitGateState, step: int):
-    return state.run.save(step, state.ddp_model, state.optimizer, state.scheduler)
 
 
 def train(config: ExitGateConfig) -> list[dict]:
     """Train the gate to ``trainer.max_steps`` (resuming from the newest checkpoint), saving at
     ``trainer.save_interval``, at the end and on preemption; then ``<output_dir>/model``."""
     state = setup(config)
-    history = []
-    max_steps = config.trainer.max_steps
-    with state.run.loop(format_step) as loop:
-        for step in range(state.run.start_step + 1, max_steps + 1):
-            metrics = gate_step(state, step)
-            history.append(metrics)
-            if step % config.trainer.log_interval == 0 or step in (1, max_steps):
-                loop.log(step, metrics)
-            loop.end_of_step(step, lambda: save(state, step), metrics)
-    state.run.save_final_model(unwrap_model(state.ddp_model))
+    history = state.run.train(state, gate_step, format_step, log_first_step=True)
+    state.run.save_final_model(state.model)
     return history
 
 

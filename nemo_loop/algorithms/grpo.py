@@ -13,8 +13,9 @@ loss is normalized over the whole step (``common.train_step``).
 
 RLTT (``rltt.py``) and OISD (``oisd.py``) are the same loop with another :class:`Objective`: it
 names the loops the loss reads out, computes one micro-batch's loss and may hold trainable
-state of its own (RLTT's learned loop weights). Everything else — rollouts, micro-batches,
-reference log-probs, the optimizer step, checkpoints, resume, logging — is this file's.
+state of its own (RLTT's learned loop weights, checkpointed through :class:`GRPOState`).
+Everything else — rollouts, micro-batches, reference log-probs, the optimizer step — is this
+file's; checkpoints, resume, the loop and logging are ``TrainingRun``'s.
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import unwrap_model
 
 from nemo_loop.algorithms import step_flops
 from nemo_loop.algorithms.common import (
@@ -45,8 +44,8 @@ from nemo_loop.algorithms.rollouts import (
 from nemo_loop.algorithms.training_run import (
     CheckpointConfig,
     CheckpointedTrainerConfig,
+    TrainerState,
     TrainingRun,
-    checkpoint_root,
 )
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.prompts import PromptSampler, PromptSetConfig, load_prompt_set
@@ -113,9 +112,6 @@ class GRPOConfig:
             raise ValueError(f"trainer.updates_per_batch must be >= 1, got "
                              f"{self.trainer.updates_per_batch}")
         check_sampled_distribution(self.rollout, self.ALGORITHM)
-
-    def checkpoint_root(self) -> Path:
-        return checkpoint_root(self)
 
 
 def check_sampled_distribution(rollout: RolloutConfig, algorithm: str) -> None:
@@ -194,21 +190,27 @@ class Objective:
         return loss, metrics
 
 
-@dataclass
-class GRPOState:
-    config: GRPOConfig
-    ddp_model: torch.nn.Module
-    optimizer: object
-    scheduler: object
+@dataclass(kw_only=True)
+class GRPOState(TrainerState):
     reference_model: torch.nn.Module | None  # the initial weights; None when loss.kl_coef = 0
     objective: Objective
-    engine: GenerationEngine | None  # built once the weights are final (after resume)
     task: Task
     tokenizer: ChatTokenizer
     records: list
-    sampler: PromptSampler
-    run: TrainingRun
-    step: int = 0
+    engine: GenerationEngine | None = None  # built once the weights are final (after resume)
+
+    def extra_modules(self) -> dict:
+        modules = dict(self.objective.extra_modules())
+        if self.reference_model is not None:
+            modules["reference"] = self.reference_model
+        return modules
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "objective": self.objective.state_dict()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        super().load_state_dict(saved)
+        self.objective.load_state_dict(saved.get("objective", {}))
 
 
 def setup(config: GRPOConfig, objective_class: type[Objective] = Objective) -> GRPOState:
@@ -219,35 +221,16 @@ def setup(config: GRPOConfig, objective_class: type[Objective] = Objective) -> G
     uses_reference = config.loss.kl_coef > 0
     run = TrainingRun(config, tokenizer, model_copies=2 if uses_reference else 1)
     trainable = build_trainable_model(config, run)
-    model, ddp_model = trainable.model, trainable.ddp_model
-    optimizer, scheduler = trainable.optimizer, trainable.scheduler
-    reference = trainable.frozen_copy() if uses_reference else None
     records = load_prompt_set(config.data)
-    state = GRPOState(config, ddp_model, optimizer, scheduler, reference,
-                      objective_class(config, model), None, task, tokenizer, records,
-                      PromptSampler(len(records), config.trainer.seed), run)
-    trainer_state = run.resume(ddp_model, optimizer, scheduler, _extra_modules(state))
-    if trainer_state is not None:
-        state.step = trainer_state["step"]
-        state.sampler.load_state_dict(trainer_state["data_position"])
-        state.objective.load_state_dict(trainer_state.get("objective", {}))
+    state = GRPOState(
+        config, trainable, run, PromptSampler(len(records), config.trainer.seed),
+        reference_model=trainable.frozen_copy() if uses_reference else None,
+        objective=objective_class(config, trainable.model), task=task, tokenizer=tokenizer,
+        records=records)
+    run.resume(state)
     # After resume: a vLLM engine starts with a copy of the weights it is built from.
-    state.engine = build_engine(config.generation, model)
+    state.engine = build_engine(config.generation, state.model)
     return state
-
-
-def _extra_modules(state: GRPOState) -> dict:
-    modules = dict(state.objective.extra_modules())
-    if state.reference_model is not None:
-        modules["reference"] = state.reference_model
-    return modules
-
-
-def save(state: GRPOState) -> Path:
-    return state.run.save(state.step, state.ddp_model, state.optimizer, state.scheduler,
-                          _extra_modules(state),
-                          {"data_position": state.sampler.state_dict(),
-                           "objective": state.objective.state_dict()})
 
 
 def policy_micro_batches(state: GRPOState, rollouts: RolloutBatch) -> list[dict]:
@@ -306,7 +289,7 @@ def train_on_rollouts(state: GRPOState, rollouts: RolloutBatch) -> dict:
         "time_optimizer_s")
 
     phase = time.perf_counter()
-    refit = state.engine.refit(unwrap_model(state.ddp_model))
+    refit = state.engine.refit(state.model)
     timings["time_refit_s"] = time.perf_counter() - phase
     state.step += 1
     metrics.update(timings)
@@ -356,7 +339,7 @@ def train_policy(config: GRPOConfig, objective_class: type[Objective] = Objectiv
     """Train to ``trainer.max_steps`` (resuming from the newest checkpoint), saving at
     ``trainer.save_interval``, at the end and on preemption."""
     state = setup(config, objective_class)
-    return state.run.train(state, policy_step, save, format_step)
+    return state.run.train(state, policy_step, format_step)
 
 
 def train(config: GRPOConfig) -> list[dict]:

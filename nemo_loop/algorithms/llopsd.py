@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import unwrap_model
 
 from nemo_loop.algorithms import step_flops
 from nemo_loop.algorithms.common import (
@@ -40,8 +38,8 @@ from nemo_loop.algorithms.teacher_context import (
 from nemo_loop.algorithms.training_run import (
     CheckpointConfig,
     CheckpointedTrainerConfig,
+    TrainerState,
     TrainingRun,
-    checkpoint_root,
 )
 from nemo_loop.config import to_dict
 from nemo_loop.data.chat import ChatTokenizer
@@ -118,9 +116,6 @@ class LLOPSDConfig:
                              f"{self.trainer.collapse_steps}")
         self.teacher.context.validate(build_task(self.task), self.rollout.samples_per_prompt)
 
-    def checkpoint_root(self) -> Path:
-        return checkpoint_root(self)
-
     def run_identity(self) -> dict:
         """What decides this run's result, with the loss's φ and α resolved at this R̃ (a study
         refuses two cells that are one run, e.g. linear and shift mappings that coincide)."""
@@ -160,21 +155,17 @@ class CollapseMonitor:
                         self.streak[-1][-1])
 
 
-@dataclass
-class LLOPSDState:
-    config: LLOPSDConfig
-    ddp_model: torch.nn.Module
-    optimizer: object
-    scheduler: object
+@dataclass(kw_only=True)
+class LLOPSDState(TrainerState):
     teacher_model: torch.nn.Module | None  # None: the student itself (mode "same")
-    engine: GenerationEngine | None  # built once the weights are final (after resume)
     task: Task
     tokenizer: ChatTokenizer
     records: list
-    sampler: PromptSampler
-    run: TrainingRun
-    step: int = 0
+    engine: GenerationEngine | None = None  # built once the weights are final (after resume)
     collapse: CollapseMonitor = field(default_factory=lambda: CollapseMonitor(0))
+
+    def extra_modules(self) -> dict:
+        return {} if self.teacher_model is None else {"teacher": self.teacher_model}
 
 
 def setup(config: LLOPSDConfig) -> LLOPSDState:
@@ -184,34 +175,20 @@ def setup(config: LLOPSDConfig) -> LLOPSDState:
     tokenizer.check_fits(config.model.vocab_size)
     run = TrainingRun(config, tokenizer, model_copies=1 if config.teacher.mode == "same" else 2)
     trainable = build_trainable_model(config, run)
-    model, ddp_model = trainable.model, trainable.ddp_model
-    optimizer, scheduler = trainable.optimizer, trainable.scheduler
-    teacher_model = None if config.teacher.mode == "same" else trainable.frozen_copy()
     records = load_prompt_set(config.data)
-    state = LLOPSDState(config, ddp_model, optimizer, scheduler, teacher_model,
-                        None, task, tokenizer, records,
-                        PromptSampler(len(records), config.trainer.seed), run,
-                        collapse=CollapseMonitor(config.trainer.collapse_steps))
-    trainer_state = run.resume(ddp_model, optimizer, scheduler, _extra_modules(state))
-    if trainer_state is not None:
-        state.step = trainer_state["step"]
-        state.sampler.load_state_dict(trainer_state["data_position"])
+    state = LLOPSDState(
+        config, trainable, run, PromptSampler(len(records), config.trainer.seed),
+        teacher_model=None if config.teacher.mode == "same" else trainable.frozen_copy(),
+        task=task, tokenizer=tokenizer, records=records,
+        collapse=CollapseMonitor(config.trainer.collapse_steps))
+    run.resume(state)
     # After resume: a vLLM engine starts with a copy of the weights it is built from.
-    state.engine = build_engine(config.generation, model)
+    state.engine = build_engine(config.generation, state.model)
     return state
 
 
-def _extra_modules(state: LLOPSDState) -> dict:
-    return {} if state.teacher_model is None else {"teacher": state.teacher_model}
-
-
-def save(state: LLOPSDState) -> Path:
-    return state.run.save(state.step, state.ddp_model, state.optimizer, state.scheduler,
-                          _extra_modules(state), {"data_position": state.sampler.state_dict()})
-
-
 def teacher_of(state: LLOPSDState) -> torch.nn.Module:
-    return state.teacher_model or unwrap_model(state.ddp_model)
+    return state.teacher_model or state.model
 
 
 @torch.no_grad()
@@ -266,7 +243,7 @@ def train_on_rollouts(state: LLOPSDState, rollouts: RolloutBatch,
         micro_batch["loss_mask"][masked[group]] = 0.0
         micro_batch["teacher_readouts"] = readouts
         student_micro_batches.append(micro_batch)
-    student = unwrap_model(state.ddp_model)
+    student = state.model
     # read before the optimizer step: a self-teacher's head is the student's own weight
     teacher_head = teacher_of(state).output_weight()
 
@@ -339,4 +316,4 @@ def format_step(step: int, metrics: dict) -> str:
 
 def train(config: LLOPSDConfig) -> list[dict]:
     state = setup(config)
-    return state.run.train(state, llopsd_step, save, format_step)
+    return state.run.train(state, llopsd_step, format_step)

@@ -32,20 +32,18 @@ from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import unwrap_model
 
 from nemo_loop.algorithms import step_flops
 from nemo_loop.algorithms.common import build_trainable_model, train_step, update_ema
 from nemo_loop.algorithms.pretrain import (
     PretrainConfig,
-    TaskSource,
+    PretrainState,
     TrainerConfig,
+    format_heldout,
+    heldout_scores,
     training_source,
 )
-from nemo_loop.algorithms.pretrain import (
-    format_step as format_heldout,
-)
-from nemo_loop.algorithms.pretrain_data import TextSource, my_rows
+from nemo_loop.algorithms.pretrain_data import my_rows
 from nemo_loop.algorithms.training_run import TrainingRun
 from nemo_loop.losses.looprpt import (
     LoopRPTLossConfig,
@@ -98,15 +96,12 @@ class LoopRPTConfig(PretrainConfig):
                              "its exit-gate entropy bonus is looprpt.gate_entropy_coef")
 
 
-@dataclass
-class LoopRPTState:
-    config: LoopRPTConfig
-    source: TaskSource | TextSource
-    run: TrainingRun
-    ddp_model: torch.nn.Module
-    optimizer: object
-    scheduler: object
-    teacher: torch.nn.Module
+@dataclass(kw_only=True)
+class LoopRPTState(PretrainState):
+    teacher: torch.nn.Module  # the EMA teacher
+
+    def extra_modules(self) -> dict:
+        return {"teacher": self.teacher}
 
 
 def setup(config: LoopRPTConfig) -> LoopRPTState:
@@ -117,10 +112,10 @@ def setup(config: LoopRPTConfig) -> LoopRPTState:
     config.validate(torch.distributed.get_world_size())
     run = TrainingRun(config, source.tokenizer, model_copies=2)
     trainable = build_trainable_model(config, run)
-    ddp_model, optimizer, scheduler = trainable.ddp_model, trainable.optimizer, trainable.scheduler
-    teacher = trainable.frozen_copy()
-    run.resume(ddp_model, optimizer, scheduler, {"teacher": teacher})
-    return LoopRPTState(config, source, run, ddp_model, optimizer, scheduler, teacher)
+    state = LoopRPTState(config, trainable, run, source=source,
+                         teacher=trainable.frozen_copy())
+    run.resume(state)
+    return state
 
 
 def _generator(seed: int, step: int, row: int, stream: int, device=None) -> torch.Generator:
@@ -238,7 +233,7 @@ def looprpt_step(state: LoopRPTState, step: int) -> dict:
     teacher_done = time.perf_counter()
     batches = [rollout_batch(batch, reference, rows, step, config)
                for batch, reference, rows in zip(clean, references, my_rows(config, step))]
-    student = unwrap_model(state.ddp_model)
+    student = state.model
     # The metrics over all target tokens are normalized by their own step-wide count.
     token_normalizer = LossNormalizer.count(
         [batch["loss_mask"] for batch in clean],
@@ -252,14 +247,10 @@ def looprpt_step(state: LoopRPTState, step: int) -> dict:
     update_ema(state.teacher, student, config.looprpt.ema_decay)
     finished = time.perf_counter()
     metrics.update(time_teacher_s=teacher_done - started, time_ema_s=finished - ema_started,
-                   step_time_s=finished - started, step=step)
+                   step_time_s=finished - started)
     metrics.update(step_flops.looprpt(config, clean, metrics["step_time_s"]))
+    state.step = step
     return metrics
-
-
-def save(state: LoopRPTState, step: int):
-    return state.run.save(step, state.ddp_model, state.optimizer, state.scheduler,
-                          {"teacher": state.teacher})
 
 
 def train(config: LoopRPTConfig) -> list[dict]:
@@ -268,36 +259,23 @@ def train(config: LoopRPTConfig) -> list[dict]:
     every ``trainer.eval_interval`` steps (validation) and after the last step (validation and
     test); then the model-only checkpoint ``<output_dir>/model``."""
     state = setup(config)
-    history = []
-    max_steps = config.trainer.max_steps
-    with state.run.loop(format_step) as loop:
-        for step in range(state.run.start_step + 1, max_steps + 1):
-            metrics = looprpt_step(state, step)
-            history.append(metrics)
-            if step % config.trainer.log_interval == 0 or step in (1, max_steps):
-                loop.log(step, metrics)
-            interval = config.trainer.eval_interval
-            if interval and step % interval == 0 and step < max_steps:
-                loop.log(step, state.source.heldout_metrics(state.ddp_model, "validation"))
-            if step == max_steps:
-                final = state.source.heldout_metrics(state.ddp_model, "validation")
-                final.update(state.source.heldout_metrics(state.ddp_model, "test"))
-                loop.log(max_steps, final)
-                history.append(final)
-            loop.end_of_step(step, lambda: save(state, step), metrics)
-    state.run.save_final_model(unwrap_model(state.ddp_model))
+    history = state.run.train(state, lambda state: looprpt_step(state, state.step + 1),
+                              format_step, log_first_step=True, heldout=heldout_scores(state))
+    state.run.save_final_model(state.model)
     return history
 
 
 def format_step(step: int, metrics: dict) -> str:
+    """The step line (a record with the step's metrics) and the held-out line (with scores)."""
     if "hard_ce_per_loop" not in metrics:
-        return format_heldout(step, metrics)
+        return "\n".join(format_heldout(metrics))
 
     def per_loop(key, digits=3):
         return " ".join(f"L{r + 1}={v:.{digits}f}" for r, v in enumerate(metrics[key]))
 
     exits = " ".join(f"{p:.2f}" for p in metrics["exit_prob_per_loop"])
-    return (f"step {step:4d} | loss {metrics['loss']:.4f} | hard CE {per_loop('hard_ce_per_loop')}"
-            f" | hard acc {per_loop('hard_accuracy_per_loop', 2)} | exit p [{exits}] | "
-            f"t_ref {metrics['teacher_exit_loop']:.2f} | grad_norm {metrics['grad_norm']:.3f} | "
-            f"{metrics['step_time_s']:.2f}s")
+    return "\n".join([
+        f"step {step:4d} | loss {metrics['loss']:.4f} | hard CE {per_loop('hard_ce_per_loop')}"
+        f" | hard acc {per_loop('hard_accuracy_per_loop', 2)} | exit p [{exits}] | t_ref "
+        f"{metrics['teacher_exit_loop']:.2f} | grad_norm {metrics['grad_norm']:.3f} | "
+        f"{metrics['step_time_s']:.2f}s", *format_heldout(metrics)])

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import unwrap_model
 
 from nemo_loop.algorithms import step_flops
 from nemo_loop.algorithms.common import (
@@ -20,8 +19,10 @@ from nemo_loop.algorithms.pretrain_data import PretrainDataConfig, TextSource
 from nemo_loop.algorithms.training_run import (
     CheckpointConfig,
     CheckpointedTrainerConfig,
+    TrainerState,
     TrainingRun,
     check_global_batch,
+    validate_run_sections,
 )
 from nemo_loop.data.chat import ChatTokenizer
 from nemo_loop.data.sequences import teacher_forced_batch
@@ -80,11 +81,8 @@ class PretrainConfig:
         """``check_paths=False`` skips the checks on files an earlier phase writes (the text
         corpus)."""
         self.model.validate(self.parallel.tensor_parallel, self.parallel.pipeline_parallel)
-        self.optim.validate()
+        validate_run_sections(self, check_paths)
         self.loss.validate()
-        self.checkpoint.validate()
-        self.trainer.validate_checkpointing()
-        self.wandb.validate()
         self.task.validate()
         self.data.validate(self.model.vocab_size, self.model.max_sequence_length, check_paths)
         if self.data.source == "task":
@@ -115,16 +113,30 @@ class PretrainConfig:
             task.check_count(split, count)
 
 
-def setup(config: PretrainConfig, tokenizer: ChatTokenizer):
+@dataclass(kw_only=True)
+class PretrainState(TrainerState):
+    """The pretraining family's state (Ouro's loss, LoopRPT, the exit gate): its data is
+    indexed by the step, so the trainer state holds nothing beyond it."""
+
+    source: TaskSource | TextSource | None  # None: the caller brings the data
+
+
+def setup_state(config: PretrainConfig, tokenizer: ChatTokenizer,
+                source: TaskSource | TextSource | None = None) -> PretrainState:
     """The run (storage checked before the model is built), then the model from
-    ``trainer.init_from`` or a fresh init, its optimizer, and the resumed checkpoint if any
-    (``run.start_step``)."""
+    ``trainer.init_from`` or a fresh init, its optimizer, and the resumed checkpoint if any."""
     config.validate(torch.distributed.get_world_size())
     run = TrainingRun(config, tokenizer)
-    trainable = build_trainable_model(config, run)
-    ddp_model, optimizer, scheduler = trainable.ddp_model, trainable.optimizer, trainable.scheduler
-    run.resume(ddp_model, optimizer, scheduler)
-    return run, ddp_model, optimizer, scheduler
+    state = PretrainState(config, build_trainable_model(config, run), run, source=source)
+    run.resume(state)
+    return state
+
+
+def setup(config: PretrainConfig, tokenizer: ChatTokenizer):
+    """For callers that drive ``train_step`` themselves: ``setup_state``'s run, DDP model,
+    optimizer and scheduler."""
+    state = setup_state(config, tokenizer)
+    return state.run, state.ddp_model, state.optimizer, state.scheduler
 
 
 def sample_batch(task: Task, tokenizer: ChatTokenizer, batch_size: int,
@@ -151,44 +163,36 @@ def my_micro_batches(config: PretrainConfig, task: Task, tokenizer: ChatTokenize
     return [{k: v[i:i + size] for k, v in mine.items()} for i in range(0, per_rank, size)]
 
 
+def pretrain_step(state: PretrainState) -> dict:
+    config, step = state.config, state.step + 1
+    micro_batches = state.source.micro_batches(step)
+    started = time.perf_counter()
+    metrics = train_step(state.ddp_model, state.optimizer, state.scheduler, micro_batches,
+                         lambda batch, output, normalizer: ouro_loss(config, batch, output,
+                                                                     normalizer))
+    metrics["step_time_s"] = time.perf_counter() - started
+    metrics.update(step_flops.teacher_forced(config, micro_batches, config.model.num_loops,
+                                             None, metrics["step_time_s"]))
+    state.step = step
+    return metrics
+
+
 def pretrain(config: PretrainConfig) -> list[dict]:
     """Train to ``trainer.max_steps`` (resuming from the newest checkpoint), saving checkpoints
-    at ``trainer.save_interval``, at the end and on preemption; then the model-only checkpoint
-    at ``<output_dir>/model``. Everything logged for a step precedes its checkpoint, so a
-    resumed run logs each step once."""
-    data = training_source(config)
-    run, ddp_model, optimizer, scheduler = setup(config, data.tokenizer)
-    history = []
-    max_steps = config.trainer.max_steps
-    with run.loop(format_step) as loop:
-        for step in range(run.start_step + 1, max_steps + 1):
-            micro_batches = data.micro_batches(step)
-            started = time.perf_counter()
-            metrics = train_step(ddp_model, optimizer, scheduler, micro_batches,
-                                 lambda batch, output, normalizer: ouro_loss(
-                                     config, batch, output, normalizer))
-            metrics["step_time_s"] = time.perf_counter() - started
-            metrics.update(step_flops.teacher_forced(config, micro_batches,
-                                                     config.model.num_loops, None,
-                                                     metrics["step_time_s"]))
-            metrics["step"] = step
-            history.append(metrics)
-            heldout = {}  # held-out scores join the step's record: one record per step
-            interval = config.trainer.eval_interval
-            if interval and step % interval == 0 and step < max_steps:
-                heldout = data.heldout_metrics(ddp_model, "validation")
-            if step == max_steps:
-                heldout = data.heldout_metrics(ddp_model, "validation")
-                heldout.update(data.heldout_metrics(ddp_model, "test"))
-                history.append(heldout)
-            if step % config.trainer.log_interval == 0 or step in (1, max_steps):
-                loop.log(step, {**metrics, **heldout})
-            elif heldout:
-                loop.log(step, heldout)
-            loop.end_of_step(step, lambda: run.save(step, ddp_model, optimizer, scheduler),
-                             metrics)
-    run.save_final_model(unwrap_model(ddp_model))
+    at ``trainer.save_interval``, at the end and on preemption; held-out scores every
+    ``trainer.eval_interval`` steps and after the last; then the model-only checkpoint at
+    ``<output_dir>/model``."""
+    source = training_source(config)
+    state = setup_state(config, source.tokenizer, source)
+    history = state.run.train(state, pretrain_step, format_step, log_first_step=True,
+                              heldout=heldout_scores(state))
+    state.run.save_final_model(state.model)
     return history
+
+
+def heldout_scores(state: PretrainState):
+    """``TrainingRun.train``'s held-out hook: the source's scores of the model on a split."""
+    return lambda split: state.source.heldout_metrics(state.ddp_model, split)
 
 
 def ouro_loss(config: PretrainConfig, batch: dict, output, normalizer: LossNormalizer):
@@ -241,12 +245,16 @@ def format_step(step: int, metrics: dict) -> str:
         lines.append(f"step {step:4d} | loss {metrics['loss']:.4f} | CE per loop {per_loop} | "
                      f"exit p [{exits}] | grad_norm {metrics['grad_norm']:.3f} | lr "
                      f"{metrics['lr']:.2e} | {metrics['step_time_s']:.2f}s{skipped}")
-    # held-out metrics: <split>_accuracy_per_loop (task) or <split>_ce_per_loop (text)
+    return "\n".join(lines + format_heldout(metrics))
+
+
+def format_heldout(metrics: dict) -> list[str]:
+    """The held-out line of a record with held-out scores: <split>_accuracy_per_loop (task) or
+    <split>_ce_per_loop (text)."""
     heldout = [key for key in metrics if key.startswith(("validation_", "test_"))
                and key.endswith("_per_loop")]
-    if heldout:
-        lines.append(" | ".join(
-            f"{key.removesuffix('_per_loop').replace('_', ' ', 1)} per loop: " + " ".join(
-                f"L{r + 1}={a:.3f}" for r, a in enumerate(metrics[key])) for key in heldout))
-    return "\n".join(lines)
-
+    if not heldout:
+        return []
+    return [" | ".join(
+        f"{key.removesuffix('_per_loop').replace('_', ' ', 1)} per loop: " + " ".join(
+            f"L{r + 1}={a:.3f}" for r, a in enumerate(metrics[key])) for key in heldout)]

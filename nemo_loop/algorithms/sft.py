@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from megatron.core.utils import unwrap_model
 
 from nemo_loop.algorithms import step_flops
 from nemo_loop.algorithms.common import (
@@ -36,9 +34,9 @@ from nemo_loop.algorithms.rollouts import data_parallel_share
 from nemo_loop.algorithms.training_run import (
     CheckpointConfig,
     CheckpointedTrainerConfig,
+    TrainerState,
     TrainingRun,
     check_global_batch,
-    checkpoint_root,
     validate_run_sections,
 )
 from nemo_loop.data.chat import ChatTokenizer
@@ -128,9 +126,6 @@ class SFTConfig:
                                if trainer.max_tokens_per_micro_batch is None else 1,
                                parallel.data_parallel(world_size))
 
-    def checkpoint_root(self) -> Path:
-        return checkpoint_root(self)
-
 
 @dataclass
 class SFTExample:
@@ -138,18 +133,11 @@ class SFTExample:
     response: list[int]  # the reference, then the end of turn
 
 
-@dataclass
-class SFTState:
-    config: SFTConfig
-    ddp_model: torch.nn.Module
-    optimizer: object
-    scheduler: object
+@dataclass(kw_only=True)
+class SFTState(TrainerState):
     task: Task
     tokenizer: ChatTokenizer
     examples: list[SFTExample]
-    sampler: PromptSampler
-    run: TrainingRun
-    step: int = 0
 
 
 def load_examples(config: SFTConfig, task: Task, tokenizer: ChatTokenizer) -> list[SFTExample]:
@@ -184,20 +172,11 @@ def setup(config: SFTConfig) -> SFTState:
     tokenizer.check_fits(config.model.vocab_size)
     examples = load_examples(config, task, tokenizer)  # before any work: bad data fails fast
     run = TrainingRun(config, tokenizer)
-    trainable = build_trainable_model(config, run)
-    ddp_model, optimizer, scheduler = trainable.ddp_model, trainable.optimizer, trainable.scheduler
-    state = SFTState(config, ddp_model, optimizer, scheduler, task, tokenizer, examples,
-                     PromptSampler(len(examples), config.trainer.seed), run)
-    trainer_state = run.resume(ddp_model, optimizer, scheduler)
-    if trainer_state is not None:
-        state.step = trainer_state["step"]
-        state.sampler.load_state_dict(trainer_state["data_position"])
+    state = SFTState(config, build_trainable_model(config, run), run,
+                     PromptSampler(len(examples), config.trainer.seed), task=task,
+                     tokenizer=tokenizer, examples=examples)
+    run.resume(state)
     return state
-
-
-def save(state: SFTState) -> Path:
-    return state.run.save(state.step, state.ddp_model, state.optimizer, state.scheduler,
-                          None, {"data_position": state.sampler.state_dict()})
 
 
 def my_micro_batches(state: SFTState) -> list[dict]:
@@ -253,7 +232,7 @@ def sft_step(state: SFTState) -> dict:
     micro_batches = my_micro_batches(state)
     student_loops = config.trainer.student_loops
     metrics = train_step(state.ddp_model, state.optimizer, state.scheduler, micro_batches,
-                         supervised_loss_function(config.loss, unwrap_model(state.ddp_model)),
+                         supervised_loss_function(config.loss, state.model),
                          num_loops=student_loops,
                          logit_loops=logit_loops_for(config.loss.kind, student_loops),
                          compute_logits=False)
@@ -276,4 +255,4 @@ def train(config: SFTConfig) -> list[dict]:
     """Train to ``trainer.max_steps`` (resuming from the newest checkpoint), saving at
     ``trainer.save_interval``, at the end and on preemption."""
     state = setup(config)
-    return state.run.train(state, sft_step, save, format_step, log_first_step=True)
+    return state.run.train(state, sft_step, format_step, log_first_step=True)

@@ -1,33 +1,30 @@
-"""The train-loop plumbing every algorithm shares: output and checkpoint directories, initial
-weights, resume, saving at an interval / at the end / on preemption, and the metrics logger.
+"""The train loop every algorithm shares, and the state it trains, saves and resumes
+(torchtitan's Trainer/CheckpointManager split, over megatron-core dist checkpointing).
 
-    run = TrainingRun(config, tokenizer, model_copies=1)   # before the model is built
-    ...build the model...
-    run.load_initial_weights(model)                        # trainer.init_from, checked
-    ...DDP and optimizer...
-    trainer_state = run.resume(ddp_model, optimizer, scheduler, extra_modules)  # or None
-    with run.loop(format_step, start_step) as loop:
-        while step < max_steps:
-            ...one step...
-            loop.log(step, metrics)
-            loop.end_of_step(step, save, metrics)  # saves at the interval, the end, on
-                                                   # SIGUSR1/SIGTERM; stops on non-finite steps
+    run = TrainingRun(config, tokenizer, model_copies=1)   # storage checked, before the model
+    state = MyState(config, build_trainable_model(config, run), run, sampler=...)
+    run.resume(state)                                      # the newest checkpoint, if any
+    history = run.train(state, my_step, format_step)       # my_step(state) advances state.step
 
-An algorithm's config provides ``output_dir``, ``model``, ``wandb``, ``checkpoint``
-(:class:`CheckpointConfig`) and a ``trainer`` section that extends
-:class:`CheckpointedTrainerConfig` with at least ``max_steps``.
+:class:`TrainerState` is what is trained and checkpointed; an algorithm's state extends it with
+its ``extra_modules`` (an EMA teacher) and ``state_dict`` entries. An algorithm's config
+provides ``output_dir``, ``model``, ``wandb``, ``checkpoint`` (:class:`CheckpointConfig`) and a
+``trainer`` section that extends :class:`CheckpointedTrainerConfig` with at least ``max_steps``
+and ``log_interval`` (and ``eval_interval`` with a held-out hook).
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from nemo_loop.algorithms.common import TrainableModel
 from nemo_loop.checkpointing import (
     LATEST,
     VERIFY_MODES,
@@ -40,6 +37,7 @@ from nemo_loop.checkpointing import (
     save_model_checkpoint,
     tokenizer_identity,
 )
+from nemo_loop.data.prompts import PromptSampler
 from nemo_loop.models.looplm.config import LoopModelConfig, dtype_bytes, parameter_count
 from nemo_loop.utils.collective import run_collectively
 from nemo_loop.utils.logging import (
@@ -151,6 +149,37 @@ def estimated_checkpoint_bytes(model_config: LoopModelConfig, model_copies: int 
 
 def _checkpoints(count: int, more: bool = False) -> str:
     return f"{count} {'more ' if more else ''}checkpoint" + ("s" if count != 1 else "")
+
+
+@dataclass
+class TrainerState:
+    """What a run trains and checkpoints; an algorithm's state extends it (with
+    ``@dataclass(kw_only=True)``) and overrides :meth:`extra_modules`, :meth:`state_dict` and
+    :meth:`load_state_dict` for what it adds."""
+
+    config: object
+    trainable: TrainableModel
+    run: TrainingRun
+    sampler: PromptSampler | None = None  # None: the data is indexed by the step
+    step: int = 0  # steps done
+
+    model = property(lambda self: self.trainable.model)  # this rank's stage, unwrapped
+    ddp_model = property(lambda self: self.trainable.ddp_model)
+    optimizer = property(lambda self: self.trainable.optimizer)
+    scheduler = property(lambda self: self.trainable.scheduler)
+
+    def extra_modules(self) -> dict:
+        """Modules checkpointed sharded beside the model (an EMA teacher, a reference)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """The JSON trainer state a checkpoint holds beside the step and LR schedule."""
+        return {} if self.sampler is None else {"data_position": self.sampler.state_dict()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.step = saved["step"]
+        if self.sampler is not None:
+            self.sampler.load_state_dict(saved["data_position"])
 
 
 class TrainingRun:
@@ -273,28 +302,29 @@ class TrainingRun:
         if torch.distributed.get_rank() == 0:
             print(f"initial weights from {resolved.directory}", flush=True)
 
-    def resume(self, ddp_model, optimizer, scheduler, extra_modules: dict | None = None
-               ) -> dict | None:
-        """Restore the newest complete checkpoint (``trainer.resume``); its trainer state, or
-        None for a fresh start."""
+    def resume(self, state: TrainerState) -> None:
+        """Restore the newest complete checkpoint into ``state`` (``trainer.resume``): the
+        weights, optimizer and LR schedule, its extra modules and its ``state_dict``. Without
+        one, the run starts at step 0."""
         if not self.trainer.resume:
-            return None
-        state = load_checkpoint(self.root, ddp_model, optimizer, scheduler,
-                                extra_modules=extra_modules, model_config=self.config.model,
-                                tokenizer=self.tokenizer, verify=self.config.checkpoint.verify)
-        if state is None:
-            return None
-        self.start_step, self.resumed_from = state["step"], Path(state["path"])
+            return
+        saved = load_checkpoint(self.root, state.ddp_model, state.optimizer, state.scheduler,
+                                extra_modules=state.extra_modules(),
+                                model_config=self.config.model, tokenizer=self.tokenizer,
+                                verify=self.config.checkpoint.verify)
+        if saved is None:
+            return
+        state.load_state_dict(saved)
+        self.start_step, self.resumed_from = saved["step"], Path(saved["path"])
         if torch.distributed.get_rank() == 0:
             print(f"resumed from step {self.start_step} (checkpoint {self.resumed_from})",
                   flush=True)
-        return state
 
-    def save(self, step: int, ddp_model, optimizer, scheduler,
-             extra_modules: dict | None = None, trainer_state: dict | None = None) -> Path:
-        return save_checkpoint(self.root, step, ddp_model, optimizer, scheduler, extra_modules,
-                               trainer_state, model_config=self.config.model,
-                               tokenizer=self.tokenizer,
+    def save(self, state: TrainerState) -> Path:
+        """The checkpoint of ``state.step`` (collective)."""
+        return save_checkpoint(self.root, state.step, state.ddp_model, state.optimizer,
+                               state.scheduler, state.extra_modules(), state.state_dict(),
+                               model_config=self.config.model, tokenizer=self.tokenizer,
                                keep_last=self.config.checkpoint.keep_last,
                                checksums=self.config.checkpoint.verify == "checksum",
                                space_needed=self.checkpoint_bytes)
@@ -307,32 +337,49 @@ class TrainingRun:
 
     # ----- the loop -----
 
-    def train(self, state, step, save, formatter, log_first_step: bool = False) -> list[dict]:
-        """``step(state)`` until ``trainer.max_steps`` (``state.step`` counts them): metrics
-        logged every ``trainer.log_interval`` steps and at the end (and after the first step
-        with ``log_first_step``), ``save(state)`` at the interval, the end and on preemption.
-        Returns every step's metrics."""
+    def train(self, state: TrainerState, step: Callable[[TrainerState], dict], formatter,
+              log_first_step: bool = False,
+              heldout: Callable[[str], dict] | None = None) -> list[dict]:
+        """``step(state)`` (which advances ``state.step``) until ``trainer.max_steps``. Logs the
+        step's metrics every ``trainer.log_interval`` steps, at the end and (``log_first_step``)
+        after step 1; ``heldout(split)`` scores validation every ``trainer.eval_interval``
+        steps and validation and test after the last step, in the step's record (one record
+        per step). Then :meth:`_Loop.end_of_step`: non-finite streaks, saves, preemption.
+        Returns every step's metrics, then the final held-out scores."""
         history = []
         max_steps = self.trainer.max_steps
-        with self.loop(formatter) as loop:
+        with self._loop(formatter, state.step) as loop:
             while state.step < max_steps:
                 metrics = step(state)
+                metrics["step"] = state.step
                 history.append(metrics)
+                scores = self._heldout_scores(heldout, state.step)
+                if state.step == max_steps and scores:
+                    history.append(scores)
                 if (state.step % self.trainer.log_interval == 0 or state.step == max_steps
                         or (log_first_step and state.step == 1)):
-                    loop.log(state.step, metrics)
-                loop.end_of_step(state.step, lambda: save(state), metrics)
+                    loop.log(state.step, {**metrics, **scores})
+                elif scores:
+                    loop.log(state.step, scores)
+                loop.end_of_step(state.step, lambda: self.save(state), metrics)
         return history
 
+    def _heldout_scores(self, heldout: Callable[[str], dict] | None, step: int) -> dict:
+        if heldout is None:
+            return {}
+        if step == self.trainer.max_steps:
+            return {**heldout("validation"), **heldout("test")}
+        interval = self.trainer.eval_interval
+        return heldout("validation") if interval and step % interval == 0 else {}
+
     @contextlib.contextmanager
-    def loop(self, formatter, start_step: int | None = None):
-        """The logger (records after the resumed step dropped), the preemption handler and a
-        progress bar; all closed on every way out. A pre-timeout or preemption signal that
+    def _loop(self, formatter, start: int):
+        """The logger (records after ``start``, the resumed step, dropped), the preemption
+        handler and a progress bar; all closed on every way out. A pre-timeout or preemption signal that
         arrived during setup raises :class:`Preempted` here, before any step: the weights are
         still those of the checkpoint the run resumed from, so there is nothing to save, and
         the requeued job starts at once rather than after a step and a save it may not have
         time for."""
-        start = self.start_step if start_step is None else start_step
         try:
             if self.preemption.stop_requested():
                 if torch.distributed.get_rank() == 0:
