@@ -37,9 +37,13 @@ def _versus(mine: list[float], theirs: list[float]) -> dict:
                            "seeds": difference.count}, "verdict": verdict(difference)}
 
 
-def per_seed(record: dict, primary) -> dict | None:
-    """One unit's primary and secondary numbers (None: it has no exit curves)."""
-    selection, evaluation = (record.get("selection") or {}).get("exit"), record.get("exit")
+def per_seed(record: dict, primary, select_on_evaluation: bool = False) -> dict | None:
+    """One unit's primary and secondary numbers (None: it has no exit curves). The threshold is
+    chosen on the selection split's curve; ``select_on_evaluation``: on the evaluated split's
+    own (a tuning study, whose evaluated split is validation)."""
+    evaluation = record.get("exit")
+    selection = (record.get("selection") or {}).get("exit") or (
+        evaluation if select_on_evaluation else None)
     if not selection or not evaluation:
         return None
     chosen = matched_budget(selection, evaluation, primary.budget_loops)
@@ -51,8 +55,10 @@ def per_seed(record: dict, primary) -> dict | None:
                                             record.get("levels") or {}),
               "curve": summary(evaluation)}
     gate = record.get("gate_exit") or {}
-    if gate.get("selection") and gate.get("evaluation"):
-        gated = matched_budget(gate["selection"], gate["evaluation"], primary.budget_loops)
+    gate_selection = gate.get("selection") or (gate.get("evaluation") if select_on_evaluation
+                                               else None)
+    if gate_selection and gate.get("evaluation"):
+        gated = matched_budget(gate_selection, gate["evaluation"], primary.budget_loops)
         values["gate"] = {"accuracy": gated["accuracy"], "mean_loops": gated["mean_loops"]}
     return values
 
@@ -90,14 +96,16 @@ def _comparison(mine: list[dict], theirs: list[dict]) -> dict:
 
 
 def analyse(primary, cells: dict[str, list[dict] | None], references: dict[str, list[dict]],
-            baselines: dict[str, str], groups: dict[str, tuple]) -> dict | None:
+            baselines: dict[str, str], groups: dict[str, tuple],
+            select_on_evaluation: bool = False) -> dict | None:
     """``cells``: each cell's records over the seeds in effect (None: incomplete);
     ``references``: the pretrained model's records per pretraining; ``baselines``: cell → its
     baseline cell; ``groups``: cell → its values on the axes other than the method (cells of
-    one group are contrasted pairwise). None when the study pre-registered no exit policy."""
+    one group are contrasted pairwise); ``select_on_evaluation``: see :func:`per_seed`. None
+    when the study pre-registered no exit policy."""
     if primary.exit_policy is None:
         return None
-    numbers = {name: [per_seed(record, primary) for record in records]
+    numbers = {name: [per_seed(record, primary, select_on_evaluation) for record in records]
                for name, records in cells.items() if records}
     numbers = {name: seeds for name, seeds in numbers.items() if all(seeds)}
     result = {"budget_loops": primary.budget_loops, "curve_budgets": primary.curve_budgets,
@@ -114,7 +122,7 @@ def analyse(primary, cells: dict[str, list[dict] | None], references: dict[str, 
                for other in numbers if other != name and groups.get(other) == groups.get(name)}
         for name, seeds in numbers.items()}
     for name, records in references.items():
-        seeds = [per_seed(record, primary) for record in records]
+        seeds = [per_seed(record, primary, select_on_evaluation) for record in records]
         if not all(seeds):
             continue
         entry = _entry(seeds)

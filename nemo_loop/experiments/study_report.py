@@ -183,7 +183,9 @@ def summarize(study: Study, records: dict) -> dict:
         {cell.name: _complete(study, records, cell.name) for cell in study.cells},
         reference_records, study.baselines,
         {cell.name: tuple(value for axis, value in cell.values if axis != METHOD_AXIS)
-         for cell in study.cells})
+         for cell in study.cells},
+        select_on_evaluation=study.cell_settings(study.cells[0].name).evaluation_split
+        == "validation")
     for name, entry in (primary or {}).get("cells", {}).items():
         cells[name]["primary"] = entry
     summary["tuning"] = tuning_choices(study, summary, _judged_cell)

@@ -117,3 +117,18 @@ def test_the_primary_analysis_pairs_cells_with_their_baselines():
     assert "* llopsd − **terminal_only: 0.250 ± 0.000**" in text
     assert "0.750 ± 0.000 (Δ 0.250 ± 0.000)" in text
     assert analyse(PrimaryMetric(), {}, {}, {}, {}) is None
+
+
+def test_a_tuning_study_chooses_the_threshold_on_its_own_validation_curve():
+    """A study that evaluates the validation split has no separate selection curve: only then
+    is the threshold chosen on the evaluated curve itself."""
+    from nemo_loop.experiments.preregistration import PrimaryMetric
+    from nemo_loop.experiments.study_primary import per_seed
+
+    primary = PrimaryMetric(description="x", exit_policy="confidence", thresholds=[0.2, 0.5, 0.9],
+                            budget_loops=2.0)
+    record = _record([0.0, 0.0, 0.0], [0.25, 0.75, 1.0], 1)
+    del record["selection"]
+    assert per_seed(record, primary) is None
+    chosen = per_seed(record, primary, select_on_evaluation=True)
+    assert chosen["accuracy"] == pytest.approx(0.75) and chosen["mean_loops"] == 2.0

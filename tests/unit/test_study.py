@@ -319,15 +319,29 @@ def test_a_cell_without_student_loops_is_judged_at_its_baselines():
     assert _judged_at(summary, "alone", 4) == "4"
 
 
-@pytest.mark.parametrize("name", ["shell_game", "shell_game_looprpt"])
+@pytest.mark.parametrize("name", ["shell_game", "shell_game_looprpt", "adaptive_exit",
+                                  "adaptive_exit_tuning"])
 def test_the_committed_studies_load(name, tmp_path):
-    """The §5.1 study and its LoopRPT companion (docs/studies/shell_game.md) stay runnable:
-    every cell resolves to a valid run, and LoopRPT pairs with terminal-only at R̃ = 2."""
+    """The §5.1 study and its LoopRPT companion (docs/studies/shell_game.md) and study 2 with its
+    tuning study (docs/studies/adaptive_exit.md) stay runnable: every cell resolves to a valid
+    run, LoopRPT pairs with terminal-only at R̃ = 2, study 2's pre-registered exit policy reaches
+    every evaluation, and its tuning study scores validation only."""
     from nemo_loop.experiments.study import load_study
 
     study = load_study(CONF_DIR / "studies" / f"{name}.yaml", [f"output_dir={tmp_path}"])
-    assert study.config.seeds == [1, 2, 3, 4, 5]
     cells = [cell.name for cell in study.cells]
+    if name.startswith("adaptive_exit"):
+        settings = study.cell_settings(cells[0])
+        assert settings.evaluation.generation.exit.policy == "confidence"
+        assert len(settings.evaluation.exit_thresholds) == 20
+        assert settings.student_loops == 3
+        if name == "adaptive_exit_tuning":
+            assert len(cells) == 15 and settings.evaluation_split == "validation"
+        else:
+            assert len(cells) == 5 and study.selection_split() == "validation"
+            assert study.config.seeds == [1, 2, 3, 4, 5]
+        return
+    assert study.config.seeds == [1, 2, 3, 4, 5]
     if name == "shell_game":
         assert len(cells) == 26 and study.selection_split() == "validation"
         assert study.config.executor.parallel_units == 2
