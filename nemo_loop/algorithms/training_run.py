@@ -308,10 +308,16 @@ class TrainingRun:
         one, the run starts at step 0."""
         if not self.trainer.resume:
             return
-        saved = load_checkpoint(self.root, state.ddp_model, state.optimizer, state.scheduler,
-                                extra_modules=state.extra_modules(),
-                                model_config=self.config.model, tokenizer=self.tokenizer,
-                                verify=self.config.checkpoint.verify)
+        try:
+            saved = load_checkpoint(self.root, state.ddp_model, state.optimizer,
+                                    state.scheduler, extra_modules=state.extra_modules(),
+                                    model_config=self.config.model, tokenizer=self.tokenizer,
+                                    verify=self.config.checkpoint.verify)
+        except BaseException:
+            # A refused checkpoint ends the run: give the signals back (in-process callers,
+            # e.g. a test or a notebook, go on with their own handlers).
+            self.preemption.close()
+            raise
         if saved is None:
             return
         state.load_state_dict(saved)

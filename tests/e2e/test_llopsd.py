@@ -25,13 +25,18 @@ def test_resumed_run_repeats_the_uninterrupted_losses(megatron_single_process, t
     assert_exact_resume(straight, first, second, tmp_path / "resumed")
 
     # The issue-19 case: same tensor shapes, another model (8 heads in 4 groups, R = 3).
+    import signal
+
     from nemo_loop.checkpointing import CheckpointMismatchError
 
+    handlers = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
     with pytest.raises(CheckpointMismatchError, match="num_attention_heads: checkpoint 4, this "
                        "run 8; num_query_groups: checkpoint 2, this run 4; num_loops"):
         train(_config(tmp_path / "resumed", "trainer.max_steps=6", *common,
                       "model.num_attention_heads=8", "model.num_query_groups=4",
                       "model.num_loops=3"))
+    # the refused run gave the preemption signals back
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 def test_overfitting_pulls_student_loops_onto_the_teacher(megatron_single_process, tmp_path):
