@@ -13,3 +13,15 @@ def megatron_single_process():
     init_distributed()
     initialize_model_parallel(ParallelConfig(), seed=1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_given_back():
+    """A run set up in-process and never trained (a test that drives its steps itself, or one
+    whose setup is expected to fail) keeps its preemption handler installed, as a real process
+    would until it exits; give the signals back after every test so no test sees another's."""
+    yield
+    from nemo_loop.utils.preemption import PreemptionHandler
+
+    if PreemptionHandler._active is not None:
+        PreemptionHandler._active.close()
