@@ -127,6 +127,9 @@ class StudyConfig:
     preregistration: Preregistration = field(default_factory=Preregistration)
     # A tuning study's axes (student.<key>): its report picks each method's best value.
     tuning: TuningConfig = field(default_factory=TuningConfig)
+    # An earlier study's directory: a seed it pretrained with the same settings is copied from
+    # there, not pretrained again (experiments/pretrained_from.py). Not part of the identity.
+    pretrained_from: str | None = None
 
     def axes(self) -> dict[str, list]:
         """The grid's axes, dotted, in order."""
@@ -580,9 +583,12 @@ class Study:
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     """A study YAML + ``key=value`` overrides → a validated :class:`Study`."""
+    from nemo_loop.experiments.pretrained_from import check_pretrained_from
+
     refuse_overrides(list(overrides or []))
     study = Study(load_config(StudyConfig, path, overrides))
     study.preregistration_text = section_text(path)
+    check_pretrained_from(study)
     return study
 
 

@@ -29,6 +29,7 @@ from nemo_loop.experiments.compression import (
     write_prompt_sets,
 )
 from nemo_loop.experiments.exit_results import exit_curve
+from nemo_loop.experiments.pretrained_from import copy_pretraining
 from nemo_loop.experiments.study import Study, StudyError, Unit, read_unit
 from nemo_loop.utils.collective import run_collectively
 from nemo_loop.utils.flops import LoopShape, generation_flops
@@ -129,6 +130,7 @@ def _shared(study: Study, unit: Unit) -> dict:
     config = study.shared_config(unit)
     clock = PhaseClock()
     selection = study.selection_split()
+    copied = copy_pretraining(study, unit, config)
     clock.run("pretrain", pretrain_phase, config)
     clock.run("write prompt sets", write_prompt_sets, config, (selection,) if selection else ())
     clock.run("evaluate: pretrained", evaluate_model, config, PRETRAINED)
@@ -147,7 +149,7 @@ def _shared(study: Study, unit: Unit) -> dict:
     return {"phase_seconds": clock.seconds,
             "train_flops": run_flops(Path(pretraining.output_dir),
                                      pretraining.trainer.max_steps),
-            **evaluation, **result}
+            "pretrained_from": str(copied) if copied else None, **evaluation, **result}
 
 
 def _cell(study: Study, unit: Unit) -> dict:

@@ -27,10 +27,18 @@ def _accuracy(samples: Path, loops: int) -> float:
     return sum(chosen) / len(chosen)
 
 
-@pytest.mark.slow
-def test_miniature_study_runs_resumes_and_refuses_another_study(tmp_path):
-    run = _study(f"output_dir={tmp_path}")
+@pytest.fixture(scope="module")
+def miniature(tmp_path_factory) -> Path:
+    """The miniature study, run once for the tests of this module that read it."""
+    root = tmp_path_factory.mktemp("miniature")
+    run = _study(f"output_dir={root}")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_miniature_study_runs_resumes_and_refuses_another_study(miniature):
+    tmp_path = miniature
     units = {path.stem: json.loads(path.read_text()) for path in (tmp_path / "units").iterdir()}
     assert sorted(units) == sorted(f"{name}-seed{seed}" for seed in (1, 2)
                                    for name in ["shared", *CELLS])
@@ -100,6 +108,37 @@ def test_miniature_study_runs_resumes_and_refuses_another_study(tmp_path):
 
     refused = _study(f"output_dir={tmp_path}", "settings.compression.llopsd.optim.lr=0.1")
     assert refused.returncode != 0 and "holds a different study" in refused.stderr
+    assert "optim.lr" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_study_starts_from_an_earlier_studys_pretraining(miniature, tmp_path):
+    """pretrained_from: seed 1, which the earlier study pretrained with the same settings, is
+    copied (the same weights, no step trained again, the same pretrained accuracy); seed 3,
+    which it did not pretrain, pretrains here; other pretraining settings are refused."""
+    later = tmp_path / "later"
+    run = _study(f"output_dir={later}", f"pretrained_from={miniature}", "seeds=[1,3]",
+                 "grid.method=[terminal_only]")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    shared = {seed: json.loads((later / "units" / f"shared-seed{seed}.json").read_text())
+              for seed in (1, 3)}
+    earlier = json.loads((miniature / "units" / "shared-seed1.json").read_text())
+    assert shared[1]["pretrained_from"] == str(miniature / "seeds" / "1" / "pretrain")
+    assert shared[3]["pretrained_from"] is None
+    copied, original = later / "seeds" / "1" / "pretrain", miniature / "seeds" / "1" / "pretrain"
+    assert ((copied / "model" / "__0_0.distcp").read_bytes()
+            == (original / "model" / "__0_0.distcp").read_bytes())
+    assert (copied / "metrics.jsonl").read_text() == (original / "metrics.jsonl").read_text()
+    assert shared[1]["accuracy"] == earlier["accuracy"]
+    assert shared[1]["train_flops"] == earlier["train_flops"]
+    assert "pretrained_from: copied" in (later / "logs" / "shared-seed1.log").read_text()
+    assert "pretraining here" in (later / "logs" / "shared-seed3.log").read_text()
+    steps = (later / "seeds" / "3" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(steps[-1])["step"] == 6
+
+    refused = _study(f"output_dir={tmp_path / 'other'}", f"pretrained_from={miniature}",
+                     "settings.pretrain.optim.lr=0.5", "--dry-run")
+    assert refused.returncode != 0 and "pretrained differently" in refused.stderr
     assert "optim.lr" in refused.stderr
 
 
