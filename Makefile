@@ -31,7 +31,7 @@ study: $(STAMP)
 	$(PY) recipes/study.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests $(ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests $(ARGS)
 
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py $(ARGS)

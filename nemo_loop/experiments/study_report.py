@@ -406,7 +406,8 @@ def plot_all(root: Path, study: Study, summary: dict) -> None:
     _compute_axis(ax, costs)
     ax.set_xlabel("training FLOPs of the cell (post-training)")
     ax.set_ylabel("accuracy at the cell's R̃")
-    ax.legend(fontsize=6)
+    if costs:  # no complete cell yet: nothing to label
+        ax.legend(fontsize=6)
     _save(figure, root / PLOTS["compute"])
 
     figure, ax = plt.subplots(figsize=(6, 4))

@@ -114,27 +114,22 @@ def test_miniature_study_runs_resumes_and_refuses_another_study(miniature):
 @pytest.mark.slow
 def test_a_study_starts_from_an_earlier_studys_pretraining(miniature, tmp_path):
     """pretrained_from: seed 1, which the earlier study pretrained with the same settings, is
-    copied (the same weights, no step trained again, the same pretrained accuracy); seed 3,
-    which it did not pretrain, pretrains here; other pretraining settings are refused."""
+    copied (the same weights, no step trained again, the same pretrained accuracy); other
+    pretraining settings are refused."""
     later = tmp_path / "later"
-    run = _study(f"output_dir={later}", f"pretrained_from={miniature}", "seeds=[1,3]",
+    run = _study(f"output_dir={later}", f"pretrained_from={miniature}", "seeds=[1]",
                  "grid.method=[terminal_only]")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    shared = {seed: json.loads((later / "units" / f"shared-seed{seed}.json").read_text())
-              for seed in (1, 3)}
+    shared = json.loads((later / "units" / "shared-seed1.json").read_text())
     earlier = json.loads((miniature / "units" / "shared-seed1.json").read_text())
-    assert shared[1]["pretrained_from"] == str(miniature / "seeds" / "1" / "pretrain")
-    assert shared[3]["pretrained_from"] is None
+    assert shared["pretrained_from"] == str(miniature / "seeds" / "1" / "pretrain")
     copied, original = later / "seeds" / "1" / "pretrain", miniature / "seeds" / "1" / "pretrain"
     assert ((copied / "model" / "__0_0.distcp").read_bytes()
             == (original / "model" / "__0_0.distcp").read_bytes())
     assert (copied / "metrics.jsonl").read_text() == (original / "metrics.jsonl").read_text()
-    assert shared[1]["accuracy"] == earlier["accuracy"]
-    assert shared[1]["train_flops"] == earlier["train_flops"]
+    assert shared["accuracy"] == earlier["accuracy"]
+    assert shared["train_flops"] == earlier["train_flops"]
     assert "pretrained_from: copied" in (later / "logs" / "shared-seed1.log").read_text()
-    assert "pretraining here" in (later / "logs" / "shared-seed3.log").read_text()
-    steps = (later / "seeds" / "3" / "pretrain" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(steps[-1])["step"] == 6
 
     refused = _study(f"output_dir={tmp_path / 'other'}", f"pretrained_from={miniature}",
                      "settings.pretrain.optim.lr=0.5", "--dry-run")

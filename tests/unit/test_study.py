@@ -320,12 +320,13 @@ def test_a_cell_without_student_loops_is_judged_at_its_baselines():
 
 
 @pytest.mark.parametrize("name", ["shell_game", "shell_game_looprpt", "adaptive_exit",
-                                  "adaptive_exit_tuning"])
+                                  "adaptive_exit_tuning", "adaptive_exit_round2"])
 def test_the_committed_studies_load(name, tmp_path):
-    """The §5.1 study and its LoopRPT companion (docs/studies/shell_game.md) and study 2 with its
-    tuning study (docs/studies/adaptive_exit.md) stay runnable: every cell resolves to a valid
-    run, LoopRPT pairs with terminal-only at R̃ = 2, study 2's pre-registered exit policy reaches
-    every evaluation, and its tuning study scores validation only."""
+    """The §5.1 study and its LoopRPT companion (docs/studies/shell_game.md) and study 2's two
+    rounds with their tuning study (docs/studies/adaptive_exit.md) stay runnable: every cell
+    resolves to a valid run, LoopRPT pairs with terminal-only at R̃ = 2, study 2's pre-registered
+    exit policy reaches every evaluation, its tuning study scores validation only (every method
+    of the second round, no Stage II), and the second round runs LoopRPT once per seed."""
     from nemo_loop.experiments.study import load_study
 
     study = load_study(CONF_DIR / "studies" / f"{name}.yaml", [f"output_dir={tmp_path}"])
@@ -334,12 +335,23 @@ def test_the_committed_studies_load(name, tmp_path):
         settings = study.cell_settings(cells[0])
         assert settings.evaluation.generation.exit.policy == "confidence"
         assert len(settings.evaluation.exit_thresholds) == 20
-        assert settings.student_loops == 3
         if name == "adaptive_exit_tuning":
-            assert len(cells) == 15 and settings.evaluation_split == "validation"
+            assert len(cells) == 21 and settings.evaluation_split == "validation"
+            assert settings.student_loops == 3 and not settings.stage2_gate.enabled
+            tuned = {cell.method for cell in study.cells}
+            round2 = load_study(CONF_DIR / "studies" / "adaptive_exit_round2.yaml",
+                                [f"output_dir={tmp_path / 'round2'}"])
+            assert tuned == set(round2.config.methods)
+            return
+        assert study.selection_split() == "validation" and settings.stage2_gate.enabled
+        assert study.config.seeds == [1, 2, 3, 4, 5]
+        if name == "adaptive_exit":
+            assert len(cells) == 5 and settings.student_loops == 3
         else:
-            assert len(cells) == 5 and study.selection_split() == "validation"
-            assert study.config.seeds == [1, 2, 3, 4, 5]
+            assert len(cells) == 14 and study.same_run == {
+                "looprpt+student_loops=4": "looprpt+student_loops=3"}
+            assert study.baselines["shift_uniform+student_loops=4"] == \
+                "terminal_only+student_loops=4"
         return
     assert study.config.seeds == [1, 2, 3, 4, 5]
     if name == "shell_game":
