@@ -23,5 +23,4 @@ def _signal_handlers_given_back():
     yield
     from nemo_loop.utils.preemption import PreemptionHandler
 
-    if PreemptionHandler._active is not None:
-        PreemptionHandler._active.close()
+    PreemptionHandler.close_active()

@@ -47,8 +47,7 @@ class PreemptionHandler:
         self._previous: dict = {}
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
-        if PreemptionHandler._active is not None:
-            PreemptionHandler._active.close()
+        PreemptionHandler.close_active()
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
         PreemptionHandler._active = self
@@ -70,6 +69,13 @@ class PreemptionHandler:
                 flag = flag.cuda()
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+    @classmethod
+    def close_active(cls) -> None:
+        """Give the signals back from whichever handler this process has installed (a run set
+        up in-process and never trained keeps its handler until the process exits)."""
+        if cls._active is not None:
+            cls._active.close()
 
     def close(self) -> None:
         for signum, previous in self._previous.items():
