@@ -243,9 +243,10 @@ def _gate_markdown(analysis: dict) -> list[str]:
 # ----- the plot -----
 
 def plot(root: Path, analysis: dict | None, panels: dict[str, str],
-         static: dict[str, dict]) -> None:
+         static: dict[str, dict], methods: dict[str, str] | None = None) -> None:
     """Accuracy vs mean loops: per model, its adaptive curve (mean over seeds, 95% CI band) and
-    its static budgets as markers; one panel per value of ``panels`` (cell → panel title)."""
+    its static budgets as markers; one panel per value of ``panels`` (cell → panel title). A
+    method (``methods``: cell → method) has one colour and marker in every panel."""
     if not analysis:
         return
     import matplotlib
@@ -255,9 +256,13 @@ def plot(root: Path, analysis: dict | None, panels: dict[str, str],
 
     titles = list(dict.fromkeys(panels.values())) or [""]
     figure, axes = plt.subplots(1, len(titles), figsize=(5.5 * len(titles), 4.2), squeeze=False)
-    colours = matplotlib.colormaps["tab20"]
+    # tab10: ten colours far enough apart to tell lines apart (tab20's pairs were not)
+    colours = matplotlib.colormaps["tab10"]
+    markers = "osD^v<>ph*"
+    methods = methods or {}
+    order = list(dict.fromkeys(methods.get(name, name) for name in analysis["cells"]))
     names = [*analysis["references"], *analysis["cells"]]
-    for index, name in enumerate(names):
+    for name in names:
         entry = analysis["references"].get(name) or analysis["cells"][name]
         targets = titles if name in analysis["references"] else [panels.get(name, "")]
         for title in targets:
@@ -267,22 +272,28 @@ def plot(root: Path, analysis: dict | None, panels: dict[str, str],
             means = [p["accuracy"]["mean"] for p in points]
             halves = [0.0 if math.isnan(p["accuracy"]["half_width"]) else
                       p["accuracy"]["half_width"] for p in points]
-            style = {"color": "black", "linestyle": "--"} if name in analysis["references"] \
-                else {"color": colours(index % 20)}
-            ax.plot(xs, means, label=name, **style)
+            if name in analysis["references"]:
+                style = {"color": "black", "linestyle": "--", "marker": "o"}
+            else:
+                index = order.index(methods.get(name, name))
+                style = {"color": colours(index % 10), "marker": markers[index % len(markers)]}
+            label = methods.get(name, name) if len(titles) > 1 else name
+            ax.plot(xs, means, label=label, color=style["color"],
+                    linestyle=style.get("linestyle", "-"))
             ax.fill_between(xs, [m - h for m, h in zip(means, halves)],
-                            [m + h for m, h in zip(means, halves)], alpha=0.15,
+                            [m + h for m, h in zip(means, halves)], alpha=0.12,
                             color=style["color"])
             fixed = static.get(name, {})
             ax.plot([int(r) for r in fixed], [fixed[r]["mean"] for r in fixed], linestyle="",
-                    marker="o", color=style["color"])
+                    marker=style["marker"], color=style["color"])
     for title, ax in zip(titles, axes[0]):
         ax.axvline(analysis["budget_loops"], color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(title)
         ax.set_xlabel("mean loops per answer (adaptive: line; static R̃: dots)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
-    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    for ax in axes[0]:  # each panel's own lines (a cell is in one panel)
+        ax.legend(fontsize=6, loc="lower right")
     figure.tight_layout()
     figure.savefig(root / CURVE_PLOT, dpi=110)
     plt.close(figure)

@@ -392,7 +392,8 @@ def plot_all(root: Path, study: Study, summary: dict) -> None:
                     for name, cell in complete.items()}
     plot_primary(root, summary["primary"], panel_titles,
                  {name: entry["accuracy"] for name, entry in
-                  [*summary["references"].items(), *complete.items()]})
+                  [*summary["references"].items(), *complete.items()]},
+                 {name: cell["method"] for name, cell in complete.items()})
 
     figure, ax = plt.subplots(figsize=(6, 4))
     costs = []
