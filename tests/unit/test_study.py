@@ -342,6 +342,14 @@ def test_the_committed_studies_load(name, tmp_path):
             round2 = load_study(CONF_DIR / "studies" / "adaptive_exit_round2.yaml",
                                 [f"output_dir={tmp_path / 'round2'}"])
             assert tuned == set(round2.config.methods)
+            # the second round runs at the learning rates its tuning study chose (tuned.yaml)
+            from omegaconf import OmegaConf
+
+            chosen = OmegaConf.load(CONF_DIR.parent / "docs" / "studies" /
+                                    "adaptive_exit_tuning" / "tuned.yaml").methods
+            assert {name: method["optim"]["lr"] for name, method in
+                    round2.config.methods.items()} == {
+                name: method.optim.lr for name, method in chosen.items()}
             return
         assert study.selection_split() == "validation" and settings.stage2_gate.enabled
         assert study.config.seeds == [1, 2, 3, 4, 5]
