@@ -9,6 +9,7 @@ are errors that name the key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TypeVar
@@ -99,7 +100,21 @@ def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
 
 
 def to_dict(config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(config))
+    """A config (dataclass) as plain dicts and lists — what ``OmegaConf.to_container`` of it
+    gives, without building an OmegaConf tree first (a study resolves hundreds of them)."""
+    if not dataclasses.is_dataclass(config):
+        return OmegaConf.to_container(OmegaConf.structured(config))
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value):
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def config_from_command_line(schema: type[T], default_yaml: str, description: str,
