@@ -100,8 +100,9 @@ def load_config(schema: type[T], yaml_path: str | os.PathLike | None,
 
 
 def to_dict(config) -> dict:
-    """A config (dataclass) as plain dicts and lists — what ``OmegaConf.to_container`` of it
-    gives, without building an OmegaConf tree first (a study resolves hundreds of them)."""
+    """A config (dataclass) as plain dicts and lists — written as JSON or YAML, what
+    ``OmegaConf.to_container`` of it gives (tuples become lists), without building an OmegaConf
+    tree first (a study resolves hundreds of configs)."""
     if not dataclasses.is_dataclass(config):
         return OmegaConf.to_container(OmegaConf.structured(config))
     return _plain(dataclasses.asdict(config))

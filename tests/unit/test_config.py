@@ -122,3 +122,28 @@ def test_base_cycles_are_rejected(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match="includes itself"):
         load_config(PretrainConfig, tmp_path / "a.yaml")
+
+
+def test_to_dict_is_what_omegaconf_gives():
+    """to_dict skips OmegaConf's tree for speed; written out it must stay what
+    OmegaConf.to_container of the structured config gives — study fingerprints (JSON) and every
+    run's config.yaml are made of it. (Tuples become lists; OmegaConf keeps a tuple in an
+    untyped field, which JSON and YAML write as a list anyway.)"""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from nemo_loop.algorithms.llopsd import LLOPSDConfig
+    from nemo_loop.config import to_dict
+    from nemo_loop.experiments.compression import CompressionExperimentConfig
+
+    for config in (load_config(LLOPSDConfig, CONF_DIR / "llopsd.yaml",
+                               ["loss.weights_list=[0.25,0.75]", "loss.weighting=explicit",
+                                "rollout.student_loops=2"]),
+                   load_config(CompressionExperimentConfig, CONF_DIR / "adaptive_exit.yaml"),
+                   PretrainConfig()):
+        plain = to_dict(config)
+        reference = OmegaConf.to_container(OmegaConf.structured(config))
+        assert json.dumps(plain, sort_keys=True, default=str) == \
+            json.dumps(reference, sort_keys=True, default=str)
+        assert OmegaConf.to_yaml(plain) == OmegaConf.to_yaml(reference)
