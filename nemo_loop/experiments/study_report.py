@@ -385,7 +385,7 @@ def plot_all(root: Path, study: Study, summary: dict) -> None:
         ax.set_xticks(range(1, study.cell_settings(study.cells[0].name).model.num_loops + 1))
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _legend(axes[0][-1], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(figure, root / PLOTS["loops"])
     _plot_paired(root, summary)
     panel_titles = {name: ", ".join(f"{a.split('.')[-1]}={cell['axes'][a]}" for a in others)
@@ -407,8 +407,7 @@ def plot_all(root: Path, study: Study, summary: dict) -> None:
     _compute_axis(ax, costs)
     ax.set_xlabel("training FLOPs of the cell (post-training)")
     ax.set_ylabel("accuracy at the cell's R̃")
-    if costs:  # no complete cell yet: nothing to label
-        ax.legend(fontsize=6)
+    _legend(ax, fontsize=6)
     _save(figure, root / PLOTS["compute"])
 
     figure, ax = plt.subplots(figsize=(6, 4))
@@ -425,7 +424,7 @@ def plot_all(root: Path, study: Study, summary: dict) -> None:
     _compute_axis(ax, [cost for cost, _ in points])
     ax.set_xlabel("inference FLOPs per problem")
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=6)
+    _legend(ax, fontsize=6)
     _save(figure, root / PLOTS["pareto"])
 
 
@@ -487,6 +486,13 @@ def _errorbar(ax, accuracy: dict, label: str, **style) -> None:
     ax.errorbar([int(r) for r in loops], [accuracy[r]["mean"] for r in loops],
                 yerr=[_half(accuracy[r]) for r in loops], capsize=3, label=label,
                 **{"marker": "o", **style})
+
+
+def _legend(ax, **options) -> None:
+    """A legend, when the axes have labelled lines (a report before any unit finished has
+    none, and matplotlib would warn)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
 
 
 def _save(figure, path: Path) -> None:

@@ -130,7 +130,9 @@ def _shared(study: Study, unit: Unit) -> dict:
     config = study.shared_config(unit)
     clock = PhaseClock()
     selection = study.selection_split()
-    copied = copy_pretraining(study, unit, config)
+    # rank 0 copies; the collective is the barrier before every rank resumes the copy
+    copied = run_collectively(lambda: copy_pretraining(study, unit, config), str, StudyError,
+                              rank_zero_only=True)
     clock.run("pretrain", pretrain_phase, config)
     clock.run("write prompt sets", write_prompt_sets, config, (selection,) if selection else ())
     clock.run("evaluate: pretrained", evaluate_model, config, PRETRAINED)
